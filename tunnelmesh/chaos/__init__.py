@@ -1,0 +1,1 @@
+"""Fault-injection harness: scenarios, faults, invariant checkers, reports."""

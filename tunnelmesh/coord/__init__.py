@@ -1,0 +1,1 @@
+"""The coordinator: Raft cluster, replicated mesh state, node and admin APIs, relay, storage."""

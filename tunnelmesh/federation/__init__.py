@@ -1,0 +1,1 @@
+"""Federation between separately administered meshes: gateways, peering tokens, exports and imports."""

@@ -1,0 +1,1 @@
+"""The node: WireGuard-compatible data plane, agent, NAT traversal, DNS, policy enforcement."""

@@ -1,0 +1,1 @@
+"""Policy-as-code: the policy language, its compiler, diffs and tests."""
