@@ -1,0 +1,1 @@
+"""Generated code for proto package tunnelmesh.raft (proto/tunnelmesh/raft/)."""
