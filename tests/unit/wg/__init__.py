@@ -1,0 +1,1 @@
+"""Unit tests of the sans-I/O WireGuard core, named after the whitepaper sections they check."""

@@ -1,0 +1,73 @@
+"""Sliding-window replay protection for transport counters (§5.4.6, RFC 6479).
+
+The window is a ring of RING_BLOCKS 64-bit blocks; the newest block is never fully usable, so the window
+accepts counters up to WINDOW_SIZE = (RING_BLOCKS - 1) * 64 = 8128 behind the highest seen (WireGuard asks
+for at least 2048). Moving forward clears whole blocks instead of shifting a bitmap, so the cost is bounded
+by the ring size however far the counter jumps. Same layout as wireguard-go ``replay/replay.go``.
+
+Call :meth:`ReplayFilter.validate_counter` only *after* the packet authenticated: an unauthenticated counter
+must never move the window.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+BLOCK_BIT_LOG: Final = 6
+BLOCK_BITS: Final = 1 << BLOCK_BIT_LOG
+RING_BLOCKS: Final = 1 << 7
+WINDOW_SIZE: Final = (RING_BLOCKS - 1) * BLOCK_BITS
+_BLOCK_MASK: Final = RING_BLOCKS - 1
+_BIT_MASK: Final = BLOCK_BITS - 1
+
+
+class ReplayFilter:
+    """Accepts each counter at most once, and none too far behind the newest."""
+
+    __slots__ = ("_last", "_ring")
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._ring = [0] * RING_BLOCKS
+
+    def reset(self) -> None:
+        self._last = 0
+        self._ring = [0] * RING_BLOCKS
+
+    @property
+    def last(self) -> int:
+        """The highest counter accepted so far."""
+        return self._last
+
+    def would_accept(self, counter: int, limit: int) -> bool:
+        """Whether :meth:`validate_counter` would accept ``counter``, without changing anything."""
+        if counter >= limit:
+            return False
+        if counter <= self._last and self._last - counter > WINDOW_SIZE:
+            return False
+        if counter > self._last and (counter >> BLOCK_BIT_LOG) != (self._last >> BLOCK_BIT_LOG):
+            return True
+        block = self._ring[(counter >> BLOCK_BIT_LOG) & _BLOCK_MASK]
+        return not (block >> (counter & _BIT_MASK)) & 1
+
+    def validate_counter(self, counter: int, limit: int) -> bool:
+        """Record ``counter``; False if it was seen before, is too old, or is at/above ``limit``."""
+        if counter >= limit:
+            return False
+        ring = self._ring
+        index_block = counter >> BLOCK_BIT_LOG
+        if counter > self._last:
+            current = self._last >> BLOCK_BIT_LOG
+            diff = min(index_block - current, RING_BLOCKS)
+            for i in range(current + 1, current + diff + 1):
+                ring[i & _BLOCK_MASK] = 0
+            self._last = counter
+        elif self._last - counter > WINDOW_SIZE:
+            return False
+        index_block &= _BLOCK_MASK
+        bit = 1 << (counter & _BIT_MASK)
+        old = ring[index_block]
+        if old & bit:
+            return False
+        ring[index_block] = old | bit
+        return True
