@@ -1,8 +1,8 @@
 """The root of TunnelMesh's exception hierarchy.
 
-Each layer raises its own subclass (``ConfigError``, ``ProtocolError``, ``NetlabError`` ...) so callers can catch
-one layer's failures without swallowing programming errors. A message says what was wrong, where (file, field,
-peer) and what to do about it: the CLI prints it as-is, without a traceback.
+Each layer raises its own subclass (``ConfigError``, ``ProtocolError``, ``NetlabError`` ...) so callers can
+catch one layer's failures without swallowing programming errors. A message says what was wrong, where (file,
+field, peer) and what to do about it: the CLI prints it as-is, without a traceback.
 """
 
 
