@@ -1,0 +1,88 @@
+"""The `tunnelmesh` command as a user meets it: the installed console script, not click internals."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PRODUCT_GROUPS = [
+    "up", "down", "coord", "join", "node", "status", "nodes", "cluster", "dataplane", "policy", "export",
+    "federation", "s3", "nfs", "demo", "chaos", "version",
+]  # fmt: skip
+
+
+def tunnelmesh(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("tunnelmesh")
+    assert exe, "the `tunnelmesh` console script is not installed: run `pip install -e .`"
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_help_lists_every_product_group_in_order() -> None:
+    result = tunnelmesh("--help")
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.strip()]
+    assert [name for name in listed if name in PRODUCT_GROUPS] == PRODUCT_GROUPS
+
+
+def test_version_names_the_package_and_its_wire_libraries() -> None:
+    result = tunnelmesh("version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("tunnelmesh 0.")
+    assert "protobuf " in result.stdout and "grpcio " in result.stdout
+
+
+@pytest.mark.parametrize("args", [["policy", "plan", "--file", "x.yaml"], ["s3"], ["federation", "--help"]])
+def test_command_not_built_yet_says_so_and_exits_non_zero(args: list[str]) -> None:
+    result = tunnelmesh(*args)
+    assert result.returncode == 3
+    assert "not built yet" in result.stderr
+    assert f"tunnelmesh {args[0]}" in result.stderr
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = tunnelmesh("frobnicate")
+    assert result.returncode == 2
+    assert "No such command" in result.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```")[1].splitlines()[1:]  # the first code block holds the two commands
+    install_command, test_command = (line.split("#")[0].strip() for line in block if line.strip())
+    assert install_command.startswith("pip install . && tunnelmesh")
+    assert test_command == "./scripts/test"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"exec {test_command}" in ci
+
+
+def test_config_validate_reports_file_line_field_and_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "coord.yaml"
+    bad.write_text("coord:\n  lisen: 0.0.0.0:8443\n")
+    result = tunnelmesh("config", "validate", "--config", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:2: coord.lisen: unknown key 'lisen'; did you mean 'listen'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_show_prints_effective_yaml_with_sources(tmp_path: Path) -> None:
+    good = tmp_path / "node.yaml"
+    good.write_text("node:\n  mtu: 1380\n")
+    result = tunnelmesh("config", "show", "--config", str(good), "--section", "node", "--sources")
+    assert result.returncode == 0, result.stderr
+    assert f"mtu: 1380  # from {good}:2" in result.stdout
+
+
+def test_node_keygen_writes_a_private_key_that_wg_agrees_with(tmp_path: Path) -> None:
+    key = tmp_path / "node.key"
+    result = tunnelmesh("node", "keygen", "--key-file", str(key))
+    assert result.returncode == 0, result.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    wg = subprocess.run(["wg", "pubkey"], input=key.read_text(), capture_output=True, text=True, timeout=10)
+    assert wg.stdout.strip() == result.stdout.strip()
+    again = tunnelmesh("node", "keygen", "--key-file", str(key))
+    assert again.returncode == 1 and "already exists" in again.stderr

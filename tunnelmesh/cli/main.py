@@ -1,0 +1,140 @@
+"""The root of the `tunnelmesh` command.
+
+Every command group of the product is listed here in the order a user meets them, so `tunnelmesh --help`
+shows the whole product. Groups that are not built yet are still listed (marked "not built yet") and, when
+run, say so and exit non-zero: a user must never mistake a silent stub for a working command.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from rich.console import Console
+
+from tunnelmesh import __version__
+from tunnelmesh.errors import NotBuiltError, TunnelMeshError
+
+# Exit codes: 1 for a TunnelMesh error the user can fix, 3 for a command that is not built yet,
+# 2 stays click's usage error, 130 for Ctrl-C.
+EXIT_ERROR = 1
+EXIT_NOT_BUILT = 3
+EXIT_INTERRUPTED = 130
+
+_stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # never re-wrap error text
+
+# (name, one-line help, issue that builds it). Order is the order shown in --help.
+_PLANNED: dict[str, tuple[str, int]] = {
+    "up": ("Start a single-coordinator mesh on this machine and join it.", 5),
+    "down": ("Stop what `tunnelmesh up` started.", 5),
+    "coord": ("Run a coordinator (Raft cluster member, node and admin APIs).", 4),
+    "join": ("Join this machine to a mesh with a join token.", 5),
+    "status": ("Show this node's peers, paths and coordinator health.", 5),
+    "nodes": ("List, show, rename and remove nodes.", 5),
+    "cluster": ("Coordinator cluster status, members, leadership transfer.", 4),
+    "dataplane": ("Standalone WireGuard-compatible data plane (wg-quick style).", 3),
+    "policy": ("Policy-as-code: plan, apply, history, rollback, test.", 0),
+    "export": ("Export services to federated meshes.", 0),
+    "federation": ("Peer with another mesh through federation gateways.", 0),
+    "s3": ("Mesh-only S3-compatible object storage.", 0),
+    "nfs": ("Mesh-only NFSv3 file shares.", 0),
+    "demo": ("Build a whole demo world on this machine and show it live.", 5),
+    "chaos": ("Run fault-injection scenarios against a topology.", 0),
+}
+
+
+def _planned_command(name: str, help_text: str, issue: int) -> click.Command:
+    tracked = f"tracked in issue #{issue}" if issue else "planned on the roadmap"
+
+    @click.command(
+        name=name,
+        help=f"{help_text}\n\nNot built yet ({tracked}).",
+        short_help=f"{help_text} [not built yet]",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    @click.pass_context
+    def command(ctx: click.Context) -> None:
+        raise NotBuiltError(f"`tunnelmesh {name}` is not built yet ({tracked}).")
+
+    return command
+
+
+class _ProductGroup(click.Group):
+    """Lists commands in registration order (the product's order), not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_ProductGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tunnelmesh", message="%(prog)s %(version)s")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    envvar="TUNNELMESH_LOG_LEVEL",
+    help="Log level for messages on stderr.",
+)
+def cli(log_level: str) -> None:
+    """TunnelMesh: a self-hosted peer-to-peer encrypted mesh network.
+
+    Start with `tunnelmesh up` on one machine; it prints the command other machines run to join.
+    Docs: docs/README.md.
+    """
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register_commands(group: click.Group) -> None:
+    # Imported here so a broken optional subsystem cannot break `tunnelmesh --help` for every other command.
+    from tunnelmesh.cli.config_cmd import config
+    from tunnelmesh.cli.netlab_cmd import netlab
+    from tunnelmesh.cli.node_cmd import node
+    from tunnelmesh.cli.version_cmd import version
+
+    built: dict[str, click.Command] = {"node": node, "config": config, "netlab": netlab, "version": version}
+    order = [*_PLANNED, "node", "config", "netlab", "version"]
+    order.insert(order.index("status"), order.pop(order.index("node")))  # `node` sits with join/status
+    for name in order:
+        if name in built:
+            group.add_command(built[name], name)
+        else:
+            help_text, issue = _PLANNED[name]
+            group.add_command(_planned_command(name, help_text, issue), name)
+
+
+_register_commands(cli)
+
+
+def run_cli(entry: click.Command, args: list[str] | None = None) -> int:
+    """Runs a click entry point and turns TunnelMesh errors into a one-line message and an exit code."""
+    try:
+        # Non-standalone mode returns the exit code of --help/--version/ctx.exit() instead of raising.
+        code = entry.main(args=args, prog_name="tunnelmesh", standalone_mode=False)
+    except NotBuiltError as exc:
+        _stderr.print(f"[yellow]not built yet:[/] {exc}")
+        return EXIT_NOT_BUILT
+    except TunnelMeshError as exc:
+        _stderr.print(f"[red]error:[/] {exc}")
+        return EXIT_ERROR
+    except click.exceptions.Abort:
+        _stderr.print("aborted")
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    sys.exit(run_cli(cli))
