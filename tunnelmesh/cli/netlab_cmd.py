@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from tunnelmesh.netlab import NetlabError, clean_leftovers, list_labs
 
@@ -21,14 +23,19 @@ def list_cmd() -> None:
     if not records:
         click.echo("no netlab labs")
         return
-    click.echo(f"{'LAB':<8} {'OWNER':>8} {'STATE':<9} {'AGE':>8} {'NETNS':>5}  LOGS")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column, justify in (("LAB", "left"), ("OWNER", "right"), ("STATE", "left"), ("AGE", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_column("NETNS", justify="right")
+    table.add_column("LOGS", overflow="fold")
     now = time.time()
     for rec in records:
-        state = {True: "running", False: "orphaned", None: "unknown"}[rec.owner_alive]
+        state = {True: "[green]running[/]", False: "[yellow]orphaned[/]", None: "unknown"}[rec.owner_alive]
         age = f"{now - rec.created:.0f}s" if rec.created else "-"
         owner = str(rec.owner_pid) if rec.owner_pid is not None else "-"
         logs = str(rec.log_dir) if rec.log_dir else "-"
-        click.echo(f"{rec.lab_id:<8} {owner:>8} {state:<9} {age:>8} {len(rec.namespaces):>5}  {logs}")
+        table.add_row(rec.lab_id, owner, state, age, str(len(rec.namespaces)), logs)
+    Console(width=200 if not click.get_text_stream("stdout").isatty() else None).print(table)
 
 
 @netlab.command("clean")
