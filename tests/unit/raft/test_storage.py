@@ -193,6 +193,13 @@ def test_create_snapshot(store: LogStore, i: int, want: tuple[int, int] | type[E
             store.create_snapshot(i, conf, b"state")
 
 
+def test_create_snapshot_of_a_compacted_index_is_refused(store: LogStore) -> None:
+    """Compacted past the stored snapshot: an index in between has lost its term and cannot be snapshotted."""
+    store.compact(5)
+    with pytest.raises(CompactedError):
+        store.create_snapshot(4, None, b"state")
+
+
 def test_create_snapshot_without_conf_state_keeps_the_previous_one(store: LogStore) -> None:
     store.create_snapshot(4, None, b"a")
     assert store.snapshot().metadata.conf_state == CS

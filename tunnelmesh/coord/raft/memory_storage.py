@@ -107,8 +107,11 @@ class MemoryStorage:
             )
         if index > self.last_index():
             raise RaftError(f"snapshot at {index} is past the last index {self.last_index()}")
-        conf = conf_state if conf_state is not None else self._snapshot.metadata.conf_state
         offset = self._ents[0].index
+        if index < offset:
+            # Its term is gone with the compacted entries; a negative list index would invent one.
+            raise CompactedError(f"snapshot at {index}: entries up to {offset} are already compacted")
+        conf = conf_state if conf_state is not None else self._snapshot.metadata.conf_state
         meta = SnapshotMetadata(index=index, term=self._ents[index - offset].term, conf_state=conf)
         self._snapshot = Snapshot(meta, data)
         return self._snapshot
