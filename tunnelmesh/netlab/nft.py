@@ -63,10 +63,9 @@ def random_loss(port: str, direction: Direction, percent: float, comment: str) -
     """
     threshold = round(percent * LOSS_SCALE / 100)
     match = "iifname" if direction == "egress" else "oifname"
-    return (
-        f"{match} {_quote(port)} ether type ip numgen random mod {LOSS_SCALE} < {threshold} drop "
-        f"comment {_quote(comment)}"
-    )
+    # nft rejects `< LOSS_SCALE` (out of numgen's range 0..LOSS_SCALE-1): 100 % is a plain drop.
+    draw = f"numgen random mod {LOSS_SCALE} < {threshold} " if threshold < LOSS_SCALE else ""
+    return f"{match} {_quote(port)} ether type ip {draw}drop comment {_quote(comment)}"
 
 
 def render_nat(wan_if: str, mode: NatMode) -> str:
