@@ -254,12 +254,18 @@ def _require_private_mode(path: Path, what: str, mode: int) -> None:
         )
 
 
+def read_private_key_file(path: Path, what: str = "private key") -> bytes:
+    """The bytes of a secret key file, refused unless only its owner can read it (any key kind: node keys,
+    WireGuard pre-shared keys)."""
+    raw, mode = _read_key_file(path, what)
+    _require_private_mode(path, what, mode)
+    return raw
+
+
 def load_private_key(path: str | os.PathLike[str]) -> NodeIdentity:
     """Load a node key written by :func:`save_private_key` or by ``(umask 077; wg genkey > file)``."""
     target = Path(path).expanduser()
-    raw, mode = _read_key_file(target, "node key")
-    _require_private_mode(target, "node key", mode)
-    return parse_private_key(raw, source=str(target))
+    return parse_private_key(read_private_key_file(target, "node key"), source=str(target))
 
 
 def load_or_create(path: str | os.PathLike[str]) -> tuple[NodeIdentity, bool]:

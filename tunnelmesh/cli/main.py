@@ -14,6 +14,11 @@ import click
 from rich.console import Console
 
 from tunnelmesh import __version__
+from tunnelmesh.cli.config_cmd import config
+from tunnelmesh.cli.dataplane_cmd import dataplane
+from tunnelmesh.cli.netlab_cmd import netlab
+from tunnelmesh.cli.node_cmd import node
+from tunnelmesh.cli.version_cmd import version
 from tunnelmesh.errors import NotBuiltError, TunnelMeshError
 
 # Exit codes: 1 for a TunnelMesh error the user can fix, 3 for a command that is not built yet,
@@ -92,13 +97,13 @@ def cli(log_level: str) -> None:
 
 
 def _register_commands(group: click.Group) -> None:
-    # Imported here so a broken optional subsystem cannot break `tunnelmesh --help` for every other command.
-    from tunnelmesh.cli.config_cmd import config
-    from tunnelmesh.cli.netlab_cmd import netlab
-    from tunnelmesh.cli.node_cmd import node
-    from tunnelmesh.cli.version_cmd import version
-
-    built: dict[str, click.Command] = {"node": node, "config": config, "netlab": netlab, "version": version}
+    built: dict[str, click.Command] = {
+        "node": node,
+        "dataplane": dataplane,
+        "config": config,
+        "netlab": netlab,
+        "version": version,
+    }
     order = [*_PLANNED, "node", "config", "netlab", "version"]
     order.insert(order.index("status"), order.pop(order.index("node")))  # `node` sits with join/status
     for name in order:

@@ -1,0 +1,153 @@
+"""wg-quick config files: what `tunnelmesh dataplane up --config` accepts, and how it says what is wrong.
+
+Each case cites the wg-quick(8)/wg(8) rule it checks. Errors must name file, line and field and never
+contain key material.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import nacl.public
+import pytest
+
+from tunnelmesh.cli.dataplane_cmd import format_status
+from tunnelmesh.errors import ConfigError
+from tunnelmesh.node import wgquick
+
+PRIV = base64.b64encode(bytes(nacl.public.PrivateKey.generate())).decode()
+PEER_PRIV = nacl.public.PrivateKey.generate()
+PUB = base64.b64encode(bytes(PEER_PRIV.public_key)).decode()
+PSK = base64.b64encode(bytes(range(32))).decode()
+
+
+def conf(body: str) -> str:
+    return f"[Interface]\nPrivateKey = {PRIV}\n{body}"
+
+
+def test_full_file_as_wg_quick_writes_it() -> None:
+    text = f"""
+    # a comment
+    [Interface]
+    PrivateKey = {PRIV}
+    ListenPort = 51820
+    Address = 10.0.0.1/24, fd00::1/64
+    MTU = 1380
+    DNS = 1.1.1.1
+    PostUp = iptables -A FORWARD -i %i -j ACCEPT
+
+    [Peer]
+    PublicKey = {PUB}
+    PresharedKey = {PSK}
+    Endpoint = 192.0.2.7:51820
+    AllowedIPs = 10.0.0.2/32
+    AllowedIPs = 10.1.0.0/16
+    PersistentKeepalive = 25
+    """
+    cfg = wgquick.parse(text.replace("    ", ""), source="wg0.conf", name="wg0")
+    assert cfg.interface.name == "wg0"
+    assert cfg.interface.listen_port == 51820
+    assert cfg.interface.addresses == ("10.0.0.1/24", "fd00::1/64")
+    assert cfg.interface.mtu == 1380
+    (peer,) = cfg.peers
+    assert peer.public_key == bytes(PEER_PRIV.public_key)
+    assert peer.preshared_key == bytes(range(32))
+    assert peer.endpoint == ("192.0.2.7", 51820)
+    assert peer.allowed_ips == ("10.0.0.2/32", "10.1.0.0/16")  # repeated keys add up (wg-quick)
+    assert peer.persistent_keepalive == 25.0
+    assert [w.split(": ")[1] for w in cfg.ignored] == ["DNS", "PostUp"]
+
+
+def test_keys_are_case_insensitive_and_address_without_prefix_is_a_host() -> None:
+    cfg = wgquick.parse(f"[interface]\nprivatekey={PRIV}\naddress=10.0.0.1\n[PEER]\npublickey={PUB}\n")
+    assert cfg.interface.addresses == ("10.0.0.1/32",)
+    assert cfg.peers[0].allowed_ips == ()
+
+
+def test_private_key_file_must_be_private(tmp_path: Path) -> None:
+    key = tmp_path / "wg.key"
+    key.write_text(PRIV + "\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"c.conf:2: PrivateKeyFile: .*chmod 600"):
+        wgquick.parse("[Interface]\nPrivateKeyFile = wg.key\n", source="c.conf", base_dir=tmp_path)
+    key.chmod(0o600)
+    cfg = wgquick.parse("[Interface]\nPrivateKeyFile = wg.key\n", source="c.conf", base_dir=tmp_path)
+    assert base64.b64encode(cfg.interface.private_key).decode() == PRIV
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"no \[Interface\] section"),
+        ("[Interface]\nListenPort = 1\n", r"c.conf:1: \[Interface\] has no PrivateKey"),
+        ("[Interface]\nPrivateKey = nope\n", r"c.conf:2: PrivateKey: a private key is 32 bytes"),
+        (conf("ListenPort = 70000\n"), r"c.conf:3: ListenPort 70000 is out of range"),
+        (conf("MTU = big\n"), r"c.conf:3: MTU 'big' is not a number"),
+        (conf("Address = 10.0.0.300/24\n"), r"c.conf:3: Address '10.0.0.300/24'"),
+        (conf("Colour = blue\n"), r"c.conf:3: unknown key `Colour` in \[Interface\]"),
+        (conf("ListenPort = 1\nListenPort = 2\n"), r"c.conf:4: `ListenPort` is set twice .*line 3"),
+        (conf("[Peer]\nAllowedIPs = 10.0.0.2/32\n"), r"c.conf:3: \[Peer\] has no PublicKey"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nAllowedIPs = 10.0.0.2/33\n"), r"c.conf:5: AllowedIPs entry"),
+        (
+            conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = 192.0.2.1\n"),
+            r"c.conf:5: Endpoint .* needs host:port",
+        ),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = ::1:5\n"), r"c.conf:5: .*brackets"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nPersistentKeepalive = -1\n"), r"c.conf:5: PersistentKeepalive"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nPresharedKey = xx\n"), r"c.conf:5: PresharedKey: .*preshared key"),
+        (
+            conf(f"[Peer]\nPublicKey = {PUB}\n[Peer]\nPublicKey = {PUB}\n"),
+            r"c.conf:5: .*repeats the PublicKey",
+        ),
+        (conf("[Peers]\n"), r"c.conf:3: unknown section \[Peers\]"),
+        ("PrivateKey = x\n", r"c.conf:1: `PrivateKey` appears before any"),
+        (conf("just words\n"), r"c.conf:3: expected `Key = Value`"),
+    ],
+)
+def test_errors_name_file_line_and_field(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        wgquick.parse(text, source="c.conf")
+    assert PRIV not in str(info.value) and PSK not in str(info.value)
+
+
+def test_peer_with_own_public_key_is_refused() -> None:
+    own = base64.b64encode(bytes(nacl.public.PrivateKey(base64.b64decode(PRIV)).public_key)).decode()
+    with pytest.raises(ConfigError, match="own public key"):
+        wgquick.parse(conf(f"[Peer]\nPublicKey = {own}\n"), source="c.conf")
+
+
+def test_load_names_the_interface_after_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "tm7.conf"
+    path.write_text(conf(""))
+    assert wgquick.load(path).interface.name == "tm7"
+    with pytest.raises(ConfigError, match="config file not found"):
+        wgquick.load(tmp_path / "missing.conf")
+
+
+def test_show_prints_like_wg_show() -> None:
+    status = {
+        "interface": "tm0",
+        "public_key": "PUB=",
+        "listen_port": 51820,
+        "offloads": {"tun": ["csum", "tso4"], "udp_gso": True, "udp_gro": False},
+        "peers": [
+            {
+                "public_key": "PEER=",
+                "endpoint": "192.0.2.7:51820",
+                "allowed_ips": ["10.0.0.2/32"],
+                "latest_handshake": 1000.0 - 75,
+                "rx_bytes": 2048,
+                "tx_bytes": 3 * 1024 * 1024,
+                "persistent_keepalive": 25,
+                "preshared_key": True,
+            }
+        ],
+    }
+    text = format_status(status, now=1000.0)
+    assert "interface: tm0" in text and "listening port: 51820" in text
+    assert "peer: PEER=" in text and "endpoint: 192.0.2.7:51820" in text
+    assert "latest handshake: 1 minute, 15 seconds ago" in text
+    assert "transfer: 2.00 KiB received, 3.00 MiB sent" in text
+    assert "persistent keepalive: every 25 seconds" in text
+    assert "preshared key: (hidden)" in text

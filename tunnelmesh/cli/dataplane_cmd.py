@@ -1,0 +1,223 @@
+"""`tunnelmesh dataplane`: the WireGuard-compatible data plane on its own, driven by a wg-quick config file.
+
+    tunnelmesh dataplane up --config /etc/tunnelmesh/tm0.conf   # foreground, until `down` or a signal
+    tunnelmesh dataplane show [tm0] [--json]                    # like `wg show`
+    tunnelmesh dataplane down tm0
+
+`up` serves its state on a root-only UNIX socket (``/run/tunnelmesh/<iface>.sock``, see ``node/control.py``),
+which `show` and `down` talk to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import click
+
+from tunnelmesh.errors import TunnelMeshError
+from tunnelmesh.node import control, wgquick
+from tunnelmesh.node.dataplane import DataPlane
+
+log = logging.getLogger(__name__)
+
+
+@click.group(name="dataplane")
+def dataplane() -> None:
+    """Standalone WireGuard-compatible data plane (wg-quick style config files)."""
+
+
+@dataplane.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="wg-quick style file ([Interface] and [Peer] sections).",
+)
+@click.option(
+    "--interface", "iface", default=None, help="Interface name (default: the file name without .conf)."
+)
+@click.option("--no-offloads", is_flag=True, help="Plain packet I/O: no TUN TSO, no UDP GSO/GRO.")
+@click.option("--no-routes", is_flag=True, help="Do not add routes for the peers' allowed IPs.")
+@click.option("--metrics", "metrics_addr", default=None, help="Serve Prometheus metrics on HOST:PORT.")
+def up(
+    config_path: str, iface: str | None, no_offloads: bool, no_routes: bool, metrics_addr: str | None
+) -> None:
+    """Bring an interface up from a wg-quick config and run it in the foreground."""
+    _ensure_logging()
+    cfg = wgquick.load(config_path, name=iface)
+    for where in cfg.ignored:
+        log.warning(
+            "event=config_key_ignored where=%r reason=%r", where, "only wg-quick's shell script uses it"
+        )
+    interface = cfg.interface
+    if no_offloads or no_routes:
+        from dataclasses import replace
+
+        interface = replace(interface, offloads=not no_offloads, manage_routes=not no_routes)
+    registry = None
+    if metrics_addr:
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+    plane = DataPlane(interface, cfg.peers, registry=registry)
+    stopping = threading.Event()
+    server = control.ControlServer(interface.name, plane.status, stopping.set)
+    server.start()
+    try:
+        plane.start()
+        if metrics_addr and registry is not None:
+            from prometheus_client import start_http_server
+
+            from tunnelmesh.config import split_host_port
+
+            host, port = split_host_port(metrics_addr)
+            start_http_server(port, addr=host, registry=registry)
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        click.echo(
+            f"interface {plane.name} up: public key {_b64(plane.public_key)}, listening on UDP port "
+            f"{plane.listen_port}, {len(cfg.peers)} peer(s)",
+        )
+        sys.stdout.flush()
+        while not stopping.wait(0.5):
+            if not plane.running:
+                raise TunnelMeshError(
+                    f"data plane {plane.name} failed: {'; '.join(plane.errors) or 'thread exited'}"
+                )
+    finally:
+        server.close()
+        plane.stop()
+    click.echo(f"interface {interface.name} down")
+
+
+@dataplane.command()
+@click.argument("iface", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(iface: str | None, as_json: bool) -> None:
+    """Show interfaces and peers: latest handshake, endpoint, transfer (like `wg show`)."""
+    names = [iface] if iface else control.list_interfaces()
+    statuses = [control.request(name, "show")["status"] for name in names]
+    if as_json:
+        click.echo(json.dumps(statuses[0] if iface else statuses, indent=2))
+        return
+    if not statuses:
+        click.echo("no running data plane interfaces")
+        return
+    click.echo("\n\n".join(format_status(s) for s in statuses))
+
+
+@dataplane.command()
+@click.argument("iface")
+def down(iface: str) -> None:
+    """Stop a running `dataplane up` for IFACE."""
+    control.request(iface, "down")
+    path = control.socket_path(iface)
+    deadline = time.monotonic() + 10
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if path.exists():
+        raise TunnelMeshError(f"interface {iface} did not stop within 10 s")
+    click.echo(f"interface {iface} down")
+
+
+def format_status(s: dict[str, Any], *, now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [
+        f"interface: {s['interface']}",
+        f"  public key: {s['public_key']}",
+        f"  listening port: {s['listen_port']}",
+    ]
+    off = s.get("offloads", {})
+    lines.append(
+        f"  offloads: tun={','.join(off.get('tun', [])) or 'none'} gso={_yn(off.get('udp_gso'))} "
+        f"gro={_yn(off.get('udp_gro'))}"
+    )
+    peers = sorted(s.get("peers", []), key=lambda p: -(p.get("latest_handshake") or 0))
+    for p in peers:
+        lines.append("")
+        lines.append(f"peer: {p['public_key']}")
+        if p.get("preshared_key"):
+            lines.append("  preshared key: (hidden)")
+        if p.get("endpoint"):
+            lines.append(f"  endpoint: {p['endpoint']}")
+        lines.append(f"  allowed ips: {', '.join(p.get('allowed_ips') or []) or '(none)'}")
+        if p.get("latest_handshake"):
+            lines.append(f"  latest handshake: {_ago(now - p['latest_handshake'])}")
+        if p.get("rx_bytes") or p.get("tx_bytes"):
+            lines.append(f"  transfer: {_bytes(p['rx_bytes'])} received, {_bytes(p['tx_bytes'])} sent")
+        if p.get("persistent_keepalive"):
+            lines.append(f"  persistent keepalive: every {_ago(p['persistent_keepalive'], suffix='')}")
+    return "\n".join(lines)
+
+
+def _yn(v: object) -> str:
+    return "on" if v else "off"
+
+
+def _ago(seconds: float, *, suffix: str = " ago") -> str:
+    total = max(0, int(seconds))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, total = divmod(total, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return (", ".join(parts) or "0 seconds") + suffix
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.2f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _b64(key: bytes) -> str:
+    import base64
+
+    return base64.b64encode(key).decode()
+
+
+def _ensure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+        )
+    elif root.level > logging.INFO and root.level == logging.WARNING:
+        # `tunnelmesh --log-level` defaults to warning; the daemon's lifecycle events are worth seeing.
+        logging.getLogger("tunnelmesh.node.dataplane").setLevel(logging.INFO)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the group on its own (``python -m tunnelmesh.cli.dataplane_cmd``), with the CLI's error style."""
+    try:
+        dataplane.main(args=args, prog_name="tunnelmesh dataplane", standalone_mode=False)
+    except TunnelMeshError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except click.exceptions.Abort:
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

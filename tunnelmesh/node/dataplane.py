@@ -1,0 +1,1119 @@
+"""The data plane's I/O shell: a TUN device, a UDP socket and a sans-I/O ``wg.Device``, wired with threads.
+
+Theory of operation
+-------------------
+The WireGuard protocol lives in ``node/wg/`` (pure, no I/O). This module feeds it and moves packets. Three
+threads own the work; the per-packet path never touches asyncio:
+
+* **tx** (TUN -> UDP): drain the TUN device (TSO super-packets of up to 64 KiB when the kernel offers
+  ``IFF_VNET_HDR``), cut them into MTU-sized IP packets (``offload.segment``), route each super-packet once by
+  destination (cryptokey routing: allowed IPs, longest prefix), encrypt the whole run with the peer's current
+  :class:`~.wg.keypair.Keypair` directly and hand equal-sized runs of datagrams to the kernel in one UDP GSO
+  ``sendmsg``. The device is told once per batch (timers, byte counters, rekey). A peer without a usable
+  session goes through ``Device.send_many`` instead (which stages the packets and starts a handshake).
+* **rx** (UDP -> TUN): drain the socket (one GRO ``recvmsg`` carries a train of datagrams from one source),
+  decrypt transport messages with the keypair the receiver index names, check each inner source address
+  against the sending peer's allowed IPs, merge in-order TCP segments of one flow (``offload.coalesce``) and
+  write each merge to the TUN device as one GSO super-packet. The first datagram of every (keypair, source)
+  run in a batch goes through ``Device.receive``, which does the bookkeeping once per batch: key
+  confirmation, timers and **roaming** (an endpoint changes only after a packet authenticated, as the core
+  reports with ``EndpointChanged``). Handshake messages (types 1-3) are copied to a bounded queue for the
+  control thread, so Diffie-Hellman work never stalls the packet path.
+* **control**: handshake messages from the queue, the device's timers (rekey, retransmit, keepalives,
+  persistent keepalive, key zeroing) at ``Device.next_deadline`` and live peer changes. When its queue backs
+  up it sets ``Device.under_load``: initiations without a valid mac2 are then answered with cookie replies
+  (no DH), and sources exceeding the rate limit are dropped, while established sessions keep flowing.
+
+Locks: ``_lock`` guards the device's tables (peers, index table, timers); ``_send_lock`` serialises every
+``Keypair.encrypt`` (a keypair's counter is the AEAD nonce and must never repeat). Order: ``_lock`` before
+``_send_lock``. Decryption happens only on the rx thread (one decrypting thread per keypair, as the core
+requires). The tx thread takes ``_lock`` for a few dict reads per batch and encrypts holding only
+``_send_lock``, so the rx thread's bookkeeping and the control thread's handshakes do not wait for crypto.
+``_tx_lock`` owns the TUN read side: the tx thread holds it per batch, and the rx thread takes it (without
+waiting) around its TUN writes, so what the kernel answers at once (echo replies, TCP ACKs) is read and sent
+by the thread that is already running instead of a freshly woken one.
+
+Checksums (negotiated, TunnelMesh peers only): right after every handshake each side sends a *capabilities*
+message (type 0x10, encrypted and replay-checked like transport). A peer that offers ``CAP_PARTIAL_CSUM``
+under the current keypair gets *seeded transport* (type 0x11): TCP/UDP checksums hold only the pseudo-header
+seed, and it writes those packets to its TUN as ``NEEDS_CSUM``. A stock WireGuard peer never offers it (it
+drops both unknown types), so it always gets type 4 with complete checksums. See docs/dataplane.md.
+
+Offloads degrade gracefully: a kernel without ``IFF_VNET_HDR`` gives one packet per TUN read and write (and
+no seeded checksums), a socket without UDP GSO/GRO one datagram per syscall (``udp.py``).
+
+Metrics are exported by a collector that reads plain integers when Prometheus scrapes (nothing per packet
+touches ``prometheus_client``); pass a ``CollectorRegistry`` so several engines in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import functools
+import ipaddress
+import logging
+import os
+import random
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final, cast
+
+from cryptography.exceptions import InvalidTag
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tunnelmesh.node import wg
+from tunnelmesh.node.errors import DataplaneError, OffloadError
+from tunnelmesh.node.offload import VNET_HDR_LEN, VNET_HDR_NONE, Buffer, coalesce, parse_vnet_hdr, segment
+from tunnelmesh.node.tun import MAX_READ, TunDevice
+from tunnelmesh.node.udp import UdpSocket
+from tunnelmesh.node.wg.actions import Endpoint
+from tunnelmesh.node.wg.constants import (
+    MESSAGE_TRANSPORT_MIN_SIZE,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+)
+from tunnelmesh.node.wg.crypto import TAI64N
+from tunnelmesh.node.wg.device import UNCHANGED, _Unchanged
+from tunnelmesh.node.wg.keypair import Keypair, ReplayedCounter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MTU: Final = 1420
+TX_READS: Final = 16  # TUN reads per transmit batch
+TX_BATCH: Final = 64  # datagrams per transmit batch (one GSO send carries up to 64)
+HANDSHAKE_QUEUE: Final = 4096  # handshake messages waiting for the control thread (wireguard-go: 4096)
+UNDER_LOAD_QUEUE: Final = HANDSHAKE_QUEUE // 8  # backlog at which the device answers with cookies
+UNDER_LOAD_HOLD: Final = 1.0  # seconds the device stays "under load" after the backlog clears
+IDLE_WAIT: Final = 0.2  # seconds a packet thread sleeps in poll() before re-checking for shutdown
+CONTROL_TICK: Final = 0.25  # upper bound on the control thread's sleep
+THREAD_JOIN: Final = 5.0
+HANDSHAKE_BURST: Final = 64  # handshake messages per control-loop round before timers are checked
+
+_U32: Final = struct.Struct("<I")
+_U16: Final = struct.Struct(">H")
+_MSG_TRANSPORT: Final = 4
+# TunnelMesh's own message types (WireGuard uses 1-4; a stock peer drops anything else silently):
+# capabilities, and transport whose TCP/UDP checksums hold only the pseudo-header seed. Both are built and
+# checked exactly like type 4 (same keypair, counter and replay window); only the type byte differs.
+MESSAGE_TM_CAPABILITIES: Final = 0x10
+MESSAGE_TM_TRANSPORT_SEEDED: Final = 0x11
+CAPABILITY_MAGIC: Final = b"TMCAP\x01"
+CAP_PARTIAL_CSUM: Final = 1  # "send me seeds: I write what I decrypt as checksum-pending (NEEDS_CSUM)"
+_SEEDED: Final = bytes((MESSAGE_TM_TRANSPORT_SEEDED,))
+_CAPS: Final = bytes((MESSAGE_TM_CAPABILITIES,))
+_UDP_MAX_SEGMENTS: Final = 64
+_GSO_LIMIT: Final = 65000
+_HANDSHAKE_TYPES: Final = frozenset((1, 2, 3))
+
+
+def key_b64(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+def short(key: bytes) -> str:
+    """The log name of a public key: its first 8 base64 characters (as ``identity.fingerprint``)."""
+    return key_b64(key)[:8]
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """One peer, as a ``[Peer]`` section of a wg-quick file describes it."""
+
+    public_key: bytes
+    allowed_ips: tuple[str, ...] = ()
+    endpoint: Endpoint | None = None
+    preshared_key: bytes | None = field(default=None, repr=False)
+    persistent_keepalive: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.public_key) != 32:
+            raise DataplaneError(f"peer public key must be 32 bytes, got {len(self.public_key)}")
+        if self.preshared_key is not None and len(self.preshared_key) != 32:
+            raise DataplaneError(f"peer {short(self.public_key)}: preshared key must be 32 bytes")
+        for net in self.allowed_ips:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise DataplaneError(f"peer {short(self.public_key)}: bad allowed IP {net!r}: {exc}") from exc
+        if self.persistent_keepalive < 0 or self.persistent_keepalive > 65535:
+            raise DataplaneError(f"peer {short(self.public_key)}: persistent keepalive out of range 0-65535")
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceConfig:
+    """The ``[Interface]`` of a wg-quick file plus the engine's own knobs."""
+
+    private_key: bytes = field(repr=False)
+    name: str = "tm0"
+    listen_port: int = 0
+    addresses: tuple[str, ...] = ()
+    mtu: int = DEFAULT_MTU
+    listen_host: str = "0.0.0.0"
+    offloads: bool = True  # TUN virtio_net_hdr + TSO and UDP GSO/GRO where the kernel has them
+    manage_routes: bool = True  # add a route through the TUN device for every peer's allowed IPs
+    udp_buffer: int = 4 << 20
+    # Offer TunnelMesh peers to skip payload checksums (negotiated per session; stock peers never see it).
+    skip_checksums: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """What ``peers()`` reports for one peer (``wg show``'s fields plus packet counts)."""
+
+    public_key: bytes
+    endpoint: Endpoint | None
+    allowed_ips: tuple[str, ...]
+    latest_handshake: float | None  # wall-clock seconds (time.time()), None before the first handshake
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    handshakes: int
+    persistent_keepalive: float
+    has_preshared_key: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "public_key": key_b64(self.public_key),
+            "endpoint": None if self.endpoint is None else f"{self.endpoint[0]}:{self.endpoint[1]}",
+            "allowed_ips": list(self.allowed_ips),
+            "latest_handshake": self.latest_handshake,
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets,
+            "tx_packets": self.tx_packets,
+            "handshakes": self.handshakes,
+            "persistent_keepalive": self.persistent_keepalive,
+            "preshared_key": self.has_preshared_key,
+        }
+
+
+class _Counters:
+    """Per-peer counters the device does not keep. Plain ints written by one thread each."""
+
+    __slots__ = ("handshakes", "rx_packets", "tx_packets")
+
+    def __init__(self) -> None:
+        self.rx_packets = 0
+        self.tx_packets = 0
+        self.handshakes = 0
+
+
+# -- the engine ----------------------------------------------------------------------------------------------
+
+
+class DataPlane:
+    """A running WireGuard-compatible interface. ``start()`` opens everything, ``stop()`` closes it.
+
+    ``start`` must run in the network namespace the TUN device and socket belong to (the calling thread's).
+    All public methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        config: InterfaceConfig,
+        peers: Iterable[PeerConfig] = (),
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self._initial_peers = list(peers)
+        self.device = wg.Device(
+            config.private_key,
+            rng=random.SystemRandom(),
+            timestamp=lambda: TAI64N(time.time()),
+            mtu=config.mtu,
+        )
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = False
+        # Handshake messages for the control thread: a deque (append/popleft are atomic) and an event that
+        # wakes the control thread; cheaper per message than queue.Queue, which matters under a flood.
+        self._handshakes: deque[tuple[Endpoint, bytes]] = deque()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._counters: dict[bytes, _Counters] = {}
+        self._allowed: dict[bytes, tuple[str, ...]] = {}
+        self._handshake_wall: dict[bytes, float] = {}
+        self._under_load_until = 0.0
+        self.handshake_queue_drops = 0
+        self.tun_write_drops = 0
+        self.no_route_drops = 0
+        self.seeded_drops = 0  # checksum-seeded packets caught by a session change (rare; TCP resends)
+        # Peers that proved (authenticated, under the keypair whose local index is stored) that they accept
+        # seeded checksums. Only then do we skip payload checksums toward them.
+        self._seeded_peers: dict[bytes, int] = {}
+        # The transmit side: whoever holds _tx_lock reads the TUN device into these buffers and sends. The
+        # rx thread takes it opportunistically right after a TUN write, so a reply the kernel generated in
+        # that write (an echo reply, a TCP ACK) leaves without waking the tx thread.
+        self._tx_lock = threading.Lock()
+        self._tx_pool = [bytearray(MAX_READ) for _ in range(TX_READS)]
+        self._tx_views = [memoryview(b) for b in self._tx_pool]
+        self._local_caps = 0
+        self.errors: list[str] = []  # unexpected exceptions in worker threads (also logged)
+        self.tun: TunDevice | None = None
+        self.udp: UdpSocket | None = None
+        self._registry = registry
+        self._netns_fd = -1
+        self._collector: _Collector | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def public_key(self) -> bytes:
+        return self.device.public_key
+
+    @property
+    def name(self) -> str:
+        return self.tun.name if self.tun is not None else self.config.name
+
+    @property
+    def listen_port(self) -> int:
+        if self.udp is None:
+            return self.config.listen_port
+        return int(self.udp.local_address[1])
+
+    def start(self) -> DataPlane:
+        cfg = self.config
+        # The namespace the interface lives in: later route changes run there, whichever thread asks.
+        self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.tun = TunDevice.open(cfg.name, vnet_hdr=cfg.offloads, offloads=cfg.offloads)
+            self.tun.configure(cfg.addresses, mtu=cfg.mtu, up=True, txqueuelen=1000)
+            if cfg.skip_checksums and self.tun.vnet_hdr and "csum" in self.tun.offloads:
+                self._local_caps |= CAP_PARTIAL_CSUM
+            self.udp = UdpSocket.bind(
+                cfg.listen_host,
+                cfg.listen_port,
+                bufsize=cfg.udp_buffer,
+                gso=cfg.offloads,
+                gro=cfg.offloads,
+                recv_slots=8,
+            )
+            for peer in self._initial_peers:
+                self.add_peer(peer)
+        except BaseException:
+            self._close_io()
+            raise
+        if self._registry is not None:
+            self._collector = _Collector(self)
+            self._registry.register(self._collector)
+        for target, name in ((self._tx_loop, "tx"), (self._rx_loop, "rx"), (self._control_loop, "control")):
+            t = threading.Thread(target=self._guard, args=(target,), name=f"{self.name}-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        log.info(
+            "event=dataplane_started iface=%s public_key=%s listen_port=%d vnet_hdr=%s offloads=%s gso=%s "
+            "gro=%s peers=%d",
+            self.name,
+            short(self.public_key),
+            self.listen_port,
+            self.tun.vnet_hdr,
+            ",".join(sorted(self.tun.offloads)) or "none",
+            self.udp.gso,
+            self.udp.gro,
+            len(self._initial_peers),
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop the threads (each waits at most ``IDLE_WAIT`` in poll) and close the TUN device and socket."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(THREAD_JOIN)
+            if t.is_alive():
+                log.error("event=dataplane_thread_stuck thread=%s", t.name)
+        if self._collector is not None and self._registry is not None:
+            with contextlib.suppress(KeyError):
+                self._registry.unregister(self._collector)
+        self._close_io()
+        log.info("event=dataplane_stopped iface=%s", self.config.name)
+
+    def _close_io(self) -> None:
+        if self._netns_fd >= 0:
+            os.close(self._netns_fd)
+            self._netns_fd = -1
+        if self.udp is not None:
+            self.udp.close()
+        if self.tun is not None:
+            self.tun.close()
+
+    def __enter__(self) -> DataPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads) and not self._stopped and all(t.is_alive() for t in self._threads)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``stop()`` is called or a worker thread dies; True if stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stop.wait(0.5):
+            if self._threads and not all(t.is_alive() for t in self._threads):
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
+
+    # -- peers -----------------------------------------------------------------------------------------------
+
+    def add_peer(self, peer: PeerConfig) -> None:
+        """Add a peer live; other peers' sessions are untouched."""
+        with self._lock:
+            try:
+                self.device.add_peer(
+                    peer.public_key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    allowed_ips=peer.allowed_ips,
+                    persistent_keepalive=peer.persistent_keepalive,
+                )
+            except ValueError as exc:
+                raise DataplaneError(f"cannot add peer {short(peer.public_key)}: {exc}") from exc
+            self._counters[peer.public_key] = _Counters()
+            self._allowed[peer.public_key] = tuple(peer.allowed_ips)
+        self._add_routes(peer.allowed_ips)
+        self._wake_control()
+        log.info(
+            "event=peer_added iface=%s peer=%s endpoint=%s allowed_ips=%s",
+            self.name,
+            short(peer.public_key),
+            _fmt_endpoint(peer.endpoint),
+            ",".join(peer.allowed_ips),
+        )
+
+    def update_peer(
+        self,
+        public_key: bytes,
+        *,
+        endpoint: Endpoint | _Unchanged = UNCHANGED,
+        allowed_ips: Sequence[str] | _Unchanged = UNCHANGED,
+        preshared_key: bytes | _Unchanged | None = UNCHANGED,
+        persistent_keepalive: float | _Unchanged = UNCHANGED,
+    ) -> None:
+        """Change a peer's settings (like ``wg set``); its session and everyone else's continue."""
+        with self._lock:
+            if public_key not in self.device.peers:
+                raise DataplaneError(f"no peer {short(public_key)} on {self.name}")
+            self.device.update_peer(
+                public_key,
+                endpoint=endpoint,
+                allowed_ips=allowed_ips,
+                preshared_key=preshared_key,
+                persistent_keepalive=persistent_keepalive,
+            )
+            old: tuple[str, ...] = ()
+            if not isinstance(allowed_ips, _Unchanged):
+                old = self._allowed.get(public_key, ())
+                self._allowed[public_key] = tuple(allowed_ips)
+        if not isinstance(allowed_ips, _Unchanged):
+            self._del_routes(set(old) - set(allowed_ips))
+            self._add_routes(allowed_ips)
+        self._wake_control()
+        log.info("event=peer_updated iface=%s peer=%s", self.name, short(public_key))
+
+    def remove_peer(self, public_key: bytes) -> None:
+        """Remove a peer and destroy its keys; other peers are untouched."""
+        with self._lock, self._send_lock:
+            if public_key not in self.device.peers:
+                raise DataplaneError(f"no peer {short(public_key)} on {self.name}")
+            self.device.remove_peer(public_key)
+            self._counters.pop(public_key, None)
+            networks = self._allowed.pop(public_key, ())
+            self._handshake_wall.pop(public_key, None)
+            self._seeded_peers.pop(public_key, None)
+        self._del_routes(networks)
+        log.info("event=peer_removed iface=%s peer=%s", self.name, short(public_key))
+
+    def peers(self) -> list[PeerStatus]:
+        out: list[PeerStatus] = []
+        with self._lock:
+            for key, peer in self.device.peers.items():
+                c = self._counters.get(key) or _Counters()
+                out.append(
+                    PeerStatus(
+                        public_key=key,
+                        endpoint=peer.endpoint,
+                        allowed_ips=self._allowed.get(key, ()),
+                        latest_handshake=self._handshake_wall.get(key),
+                        rx_bytes=peer.rx_bytes,
+                        tx_bytes=peer.tx_bytes,
+                        rx_packets=c.rx_packets,
+                        tx_packets=c.tx_packets,
+                        handshakes=c.handshakes,
+                        persistent_keepalive=peer.persistent_keepalive,
+                        has_preshared_key=peer.handshake.preshared_key != bytes(32),
+                    )
+                )
+        return out
+
+    def drops(self) -> dict[str, int]:
+        """Drop counters by reason (the core's, plus the shell's own)."""
+        with self._lock:
+            out = {str(reason): n for reason, n in self.device.drops.items()}
+        out["handshake_queue_full"] = self.handshake_queue_drops
+        out["tun_queue_full"] = self.tun_write_drops
+        out["no_route"] = self.no_route_drops
+        out["seeded_without_session"] = self.seeded_drops
+        return out
+
+    def status(self) -> dict[str, object]:
+        """Everything ``tunnelmesh dataplane show`` prints, as JSON-ready data."""
+        tun, udp = self.tun, self.udp
+        return {
+            "interface": self.name,
+            "public_key": key_b64(self.public_key),
+            "listen_port": self.listen_port,
+            "mtu": self.config.mtu,
+            "addresses": list(self.config.addresses),
+            "offloads": {
+                "vnet_hdr": bool(tun and tun.vnet_hdr),
+                "tun": sorted(tun.offloads) if tun else [],
+                "udp_gso": bool(udp and udp.gso),
+                "udp_gro": bool(udp and udp.gro),
+                "payload_checksums": "skipped with negotiating TunnelMesh peers"
+                if self._local_caps & CAP_PARTIAL_CSUM
+                else "computed",
+            },
+            "under_load": self.device.under_load,
+            "drops": self.drops(),
+            "peers": [p.to_json() for p in self.peers()],
+        }
+
+    def _add_routes(self, networks: Iterable[str]) -> None:
+        if not self.config.manage_routes or self.tun is None:
+            return
+        routes = []
+        for net in networks:
+            n = ipaddress.ip_network(net, strict=False)
+            if n.prefixlen == 0:
+                log.warning(
+                    "event=route_skipped iface=%s network=%s reason=%r",
+                    self.name,
+                    n,
+                    "a default route through the tunnel needs policy routing; add it yourself",
+                )
+                continue
+            routes.append(str(n))
+        if routes:
+            tun = self.tun
+            try:
+                self._in_netns(lambda: tun.configure((), routes=routes, up=True))
+            except DataplaneError as exc:
+                log.warning("event=route_failed iface=%s error=%r", self.name, str(exc))
+
+    def _del_routes(self, networks: Iterable[str]) -> None:
+        """Remove the routes ``_add_routes`` added (netlink, in the calling thread's namespace)."""
+        if not self.config.manage_routes or self.tun is None:
+            return
+        nets = [n for n in (ipaddress.ip_network(x, strict=False) for x in networks) if n.prefixlen]
+        if not nets:
+            return
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        name = self.tun.name
+
+        def delete() -> None:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=name)
+                if not found:
+                    return
+                for n in nets:
+                    try:
+                        ipr.route("del", dst=str(n), oif=found[0])
+                    except NetlinkError as exc:  # already gone (or never added): nothing to undo
+                        log.debug("event=route_del_failed iface=%s network=%s error=%r", name, n, str(exc))
+
+        self._in_netns(delete)
+
+    def _in_netns(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (netlink work) in the interface's network namespace: directly if the calling thread is
+        already there, else in a short-lived helper thread that joins it (setns affects one thread only)."""
+        fd = self._netns_fd
+        if fd < 0 or os.stat("/proc/thread-self/ns/net").st_ino == os.fstat(fd).st_ino:
+            fn()
+            return
+        box: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise DataplaneError(f"cannot enter the namespace of {self.name}: {os.strerror(err)}")
+                fn()
+            except BaseException as exc:
+                box.append(exc)
+
+        t = threading.Thread(target=target, name=f"{self.name}-netns", daemon=True)
+        t.start()
+        t.join(THREAD_JOIN)
+        if box:
+            raise box[0]
+
+    def _wake_control(self) -> None:
+        self._wake.set()
+
+    # -- actions ---------------------------------------------------------------------------------------------
+
+    def _execute(self, actions: list[wg.Action]) -> list[bytes]:
+        """Carry out what the device asked; returns packets to deliver (the caller writes them to TUN)."""
+        deliver: list[bytes] = []
+        udp = self.udp
+        assert udp is not None
+        for a in actions:
+            if isinstance(a, wg.SendDatagram):
+                try:
+                    udp.send(a.data, a.endpoint)
+                except DataplaneError as exc:
+                    log.debug(
+                        "event=udp_send_failed endpoint=%s error=%r", _fmt_endpoint(a.endpoint), str(exc)
+                    )
+            elif isinstance(a, wg.DeliverPacket):
+                deliver.append(a.packet)
+                c = self._counters.get(a.peer)
+                if c is not None:
+                    c.rx_packets += 1
+            elif isinstance(a, wg.Drop):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "event=drop reason=%s peer=%s detail=%r",
+                        a.reason,
+                        short(a.peer) if a.peer else "-",
+                        a.detail,
+                    )
+            elif isinstance(a, wg.HandshakeCompleted):
+                self._send_capabilities(a.peer)
+                self._handshake_wall[a.peer] = time.time()
+                c = self._counters.get(a.peer)
+                if c is not None:
+                    c.handshakes += 1
+                log.info(
+                    "event=handshake_complete iface=%s peer=%s initiator=%s",
+                    self.name,
+                    short(a.peer),
+                    a.initiator,
+                )
+            elif isinstance(a, wg.EndpointChanged):
+                log.info(
+                    "event=endpoint_changed iface=%s peer=%s old=%s new=%s",
+                    self.name,
+                    short(a.peer),
+                    _fmt_endpoint(a.old),
+                    _fmt_endpoint(a.new),
+                )
+            elif isinstance(a, wg.HandshakeGaveUp):
+                log.warning("event=handshake_gave_up iface=%s peer=%s", self.name, short(a.peer))
+            elif isinstance(a, wg.KeysZeroed):
+                log.info("event=keys_zeroed iface=%s peer=%s", self.name, short(a.peer))
+        return deliver
+
+    def _guard(self, loop: object) -> None:
+        assert callable(loop)
+        try:
+            loop()
+        except Exception as exc:
+            if self._stop.is_set():
+                return  # the socket or TUN device closed under us during shutdown
+            self.errors.append(f"{threading.current_thread().name}: {exc!r}")
+            log.exception("event=dataplane_thread_failed thread=%s", threading.current_thread().name)
+            self._stop.set()
+
+    # -- tx: TUN -> UDP --------------------------------------------------------------------------------------
+
+    def _tx_loop(self) -> None:
+        tun = self.tun
+        assert tun is not None
+        stop = self._stop
+        tx_lock = self._tx_lock
+        while not stop.is_set():
+            with tx_lock:
+                worked = self._tx_batch()
+            if not worked:
+                tun.wait_readable(IDLE_WAIT)
+
+    def _tx_batch(self) -> bool:
+        """Read one batch from the TUN device, encrypt and send it. Caller holds ``_tx_lock`` (whoever holds
+        it owns the read buffers and the order of sends). Returns False if nothing was pending."""
+        tun, udp = self.tun, self.udp
+        assert tun is not None and udp is not None
+        pool, views = self._tx_pool, self._tx_views
+        vnet = tun.vnet_hdr
+        lookup = self.device.allowed_ips.lookup_destination
+        seeded_peers = self._seeded_peers
+        peers = self.device.peers
+        no_route = 0
+        # One batch: packets grouped by peer, in read order.
+        groups: dict[tuple[bytes, bool], list[Buffer]] = {}
+        count = 0
+        for buf, view in zip(pool, views, strict=True):
+            n = tun.read_into(buf)
+            if not n:
+                break
+            if vnet:
+                pkt = view[VNET_HDR_LEN:n]
+                if n <= VNET_HDR_LEN:
+                    continue
+            else:
+                pkt = view[:n]
+            try:
+                peer_key = lookup(cast(bytes, pkt))  # the core reads any buffer
+            except Exception:
+                peer_key = None
+            if peer_key is None:
+                no_route += 1
+                continue
+            seeded = False
+            cap = seeded_peers.get(peer_key)
+            if cap is not None:
+                peer = peers.get(peer_key)
+                current = None if peer is None else peer.keypairs.current
+                seeded = current is not None and current.local_index == cap
+            if vnet and (view[0] or view[1]):  # NEEDS_CSUM or a GSO super-packet
+                try:
+                    segs = segment(parse_vnet_hdr(view), pkt, payload_csum=not seeded)
+                    if type(segs[0]) is memoryview:  # a checksum completed in place: copy out of the pool
+                        segs = [bytes(segs[0])]
+                except OffloadError as exc:
+                    log.debug("event=segment_failed error=%r", str(exc))
+                    continue
+            else:
+                seeded = False  # complete checksums already: send them as they are
+                segs = [bytes(pkt)]
+            g = groups.get((peer_key, seeded))
+            if g is None:
+                groups[(peer_key, seeded)] = segs
+            else:
+                g += segs
+            count += len(segs)
+            if count >= TX_BATCH:
+                break
+        if no_route:
+            # Nothing in the allowed IPs: dropped silently, as WireGuard does.
+            self.no_route_drops += no_route
+        if not groups:
+            return False
+        now = time.monotonic()
+        for (peer_key, seeded), packets in groups.items():
+            self._send_packets(now, peer_key, packets, udp, seeded)
+        return True
+
+    def _send_packets(
+        self, now: float, peer_key: bytes, packets: list[Buffer], udp: UdpSocket, seeded: bool = False
+    ) -> None:
+        with self._lock:
+            peer = self.device.peers.get(peer_key)
+            if peer is None:
+                return
+            keypair = peer.keypairs.current
+            endpoint = peer.endpoint
+            fast = (
+                keypair is not None
+                and endpoint is not None
+                and not peer.staged
+                and keypair.send_counter + len(packets) < REJECT_AFTER_MESSAGES
+                and now - keypair.created < REJECT_AFTER_TIME
+            )
+            if not fast:
+                if seeded:  # staged packets may end up in a new session: never leave seeds in them
+                    self.seeded_drops += len(packets)
+                    return
+                # No usable session: the device stages the packets and starts (or waits for) a handshake.
+                with self._send_lock:
+                    actions = self.device.send_many(now, peer_key, [bytes(p) for p in packets])
+                c = self._counters.get(peer_key)
+                if c is not None:  # counted when staged; a failed handshake shows up in the drop counters
+                    c.tx_packets += len(packets)
+        if not fast:
+            self._execute(actions)
+            return
+        assert keypair is not None and endpoint is not None
+        with self._send_lock:
+            encrypt = keypair.encrypt
+            datagrams = [encrypt(cast(bytes, p)) for p in packets]  # bytes or bytearray here
+        try:
+            if seeded:
+                _send_retyped(udp, datagrams, _SEEDED, endpoint)
+            elif len(datagrams) == 1:
+                udp.send(datagrams[0], endpoint)
+            else:
+                udp.send_batch(datagrams, endpoint)
+        except DataplaneError as exc:
+            log.debug("event=udp_send_failed peer=%s error=%r", short(peer_key), str(exc))
+        tx = sum(map(len, datagrams))
+        with self._lock:
+            if self.device.peers.get(peer_key) is not peer:
+                return
+            peer.tx_bytes += tx
+            c = self._counters.get(peer_key)
+            if c is not None:
+                c.tx_packets += len(packets)
+            peer.timers.on_transport_sent(now, True)
+            rekey = keypair.send_counter > REKEY_AFTER_MESSAGES or (
+                keypair.is_initiator and now - keypair.created > REKEY_AFTER_TIME
+            )
+            if rekey and peer.keypairs.current is keypair:
+                actions = self.device.initiate_handshake(now, peer_key)
+            else:
+                actions = []
+        if actions:
+            self._execute(actions)
+
+    # -- rx: UDP -> TUN --------------------------------------------------------------------------------------
+
+    def _rx_loop(self) -> None:
+        tun, udp = self.tun, self.udp
+        assert tun is not None and udp is not None
+        stop = self._stop
+        merge = tun.vnet_hdr
+        index_lookup = self.device.index_table.lookup
+        allowed = self.device.allowed_ips
+        lookup_v4, lookup_v6 = allowed.lookup_v4, allowed.lookup_v6
+        handshakes = self._handshakes
+        reason = wg.DropReason
+        wake = False
+        accept_seeded = bool(self._local_caps & CAP_PARTIAL_CSUM)
+        tx_lock = self._tx_lock
+        while not stop.is_set():
+            batch = udp.recv_batch()
+            if not batch:
+                udp.wait_readable(IDLE_WAIT)
+                continue
+            now = time.monotonic()
+            deliver: list[Buffer] = []
+            seeded: list[Buffer] = []
+            seen: set[tuple[int, Endpoint]] = set()
+            bad: dict[wg.DropReason, int] = {}
+            src_cache: dict[bytes, bytes | None] = {}
+            for addr, dgrams in batch:
+                src: Endpoint = (addr[0], addr[1])
+                for d in dgrams:
+                    n = len(d)
+                    kind = d[0] if n >= 4 else 0
+                    if (
+                        kind == _MSG_TRANSPORT or (kind == MESSAGE_TM_TRANSPORT_SEEDED and accept_seeded)
+                    ) and n >= MESSAGE_TRANSPORT_MIN_SIZE:
+                        out = deliver if kind == _MSG_TRANSPORT else seeded
+                        receiver = _U32.unpack_from(d, 4)[0]
+                        entry = index_lookup(receiver)
+                        if entry is None or entry.keypair is None or (receiver, src) not in seen:
+                            # First of its run (or unknown): the device does the bookkeeping.
+                            seen.add((receiver, src))
+                            if kind != _MSG_TRANSPORT:
+                                d = memoryview(b"\x04" + d[1:].tobytes())
+                            with self._lock, self._send_lock:
+                                actions = self.device.receive(now, src, cast(bytes, d))
+                            if actions:
+                                out += self._execute(actions)
+                            continue
+                        keypair: Keypair = entry.keypair
+                        peer = entry.peer
+                        if now - keypair.created > REJECT_AFTER_TIME:
+                            bad[reason.KEY_EXPIRED] = bad.get(reason.KEY_EXPIRED, 0) + 1
+                            continue
+                        try:
+                            pt = keypair.decrypt(cast(bytes, d))
+                        except InvalidTag:
+                            bad[reason.DECRYPT_FAILURE] = bad.get(reason.DECRYPT_FAILURE, 0) + 1
+                            continue
+                        except ReplayedCounter:
+                            bad[reason.REPLAY] = bad.get(reason.REPLAY, 0) + 1
+                            continue
+                        peer.rx_bytes += n
+                        size = len(pt)
+                        if not size:
+                            continue  # keepalive
+                        b0 = pt[0] >> 4
+                        if b0 == 4 and size >= 20:
+                            length = (pt[2] << 8) | pt[3]
+                            skey = pt[12:16]
+                            sender = src_cache.get(skey, b"")
+                            if sender == b"":
+                                sender = src_cache[skey] = lookup_v4(int.from_bytes(skey, "big"))
+                        elif b0 == 6 and size >= 40:
+                            length = ((pt[4] << 8) | pt[5]) + 40
+                            skey = pt[8:24]
+                            sender = src_cache.get(skey, b"")
+                            if sender == b"":
+                                sender = src_cache[skey] = lookup_v6(int.from_bytes(skey, "big"))
+                        else:
+                            length, sender = 0, None
+                        if length > size or length < 20:
+                            bad[reason.MALFORMED] = bad.get(reason.MALFORMED, 0) + 1
+                        elif sender != peer.public_key:
+                            bad[reason.ALLOWED_IPS] = bad.get(reason.ALLOWED_IPS, 0) + 1
+                        else:
+                            out.append(pt if length == size else memoryview(pt)[:length])
+                            c = self._counters.get(sender)
+                            if c is not None:
+                                c.rx_packets += 1
+                    elif kind == MESSAGE_TM_CAPABILITIES and n >= MESSAGE_TRANSPORT_MIN_SIZE:
+                        self._receive_capabilities(now, src, d)
+                    elif kind in _HANDSHAKE_TYPES:
+                        if len(handshakes) < HANDSHAKE_QUEUE:
+                            handshakes.append((src, bytes(d)))
+                            wake = True
+                        else:
+                            self.handshake_queue_drops += 1
+                    else:
+                        # Unknown type or runt: the device counts it as malformed.
+                        with self._lock:
+                            self.device.receive(now, src, bytes(d))
+            if wake:
+                self._wake.set()
+                wake = False
+            if bad:
+                with self._lock:
+                    drops = self.device.drops
+                    for r, k in bad.items():
+                        drops[r] += k
+            if deliver or seeded:
+                # Take the transmit side first if it is idle: a TUN write often makes the kernel answer at
+                # once (an echo reply, a TCP ACK). Holding _tx_lock, this thread sends that answer itself,
+                # hot, instead of the tx thread (woken by the same write) competing for the GIL to do it.
+                own_tx = tx_lock.acquire(blocking=False)
+                try:
+                    if deliver:
+                        self._deliver(tun, deliver, merge)
+                    if seeded:
+                        self._deliver(tun, seeded, merge, partial=True)
+                    if own_tx:
+                        self._tx_batch()
+                finally:
+                    if own_tx:
+                        tx_lock.release()
+
+    def _deliver(self, tun: TunDevice, packets: list[Buffer], merge: bool, *, partial: bool = False) -> None:
+        if len(packets) == 1 and not partial and tun.vnet_hdr:  # nothing to merge: skip coalesce (latency)
+            if not tun.writev((VNET_HDR_NONE, packets[0])):
+                self.tun_write_drops += 1
+            return
+        if merge:
+            for iov in coalesce(packets, partial_csum_peer=partial):
+                if not tun.writev(iov):
+                    self.tun_write_drops += 1
+        elif tun.vnet_hdr:
+            for p in packets:
+                if not tun.writev((VNET_HDR_NONE, p)):
+                    self.tun_write_drops += 1
+        else:
+            for p in packets:
+                if not tun.write(p):
+                    self.tun_write_drops += 1
+
+    # -- capabilities (TunnelMesh peers only) ----------------------------------------------------------------
+
+    def _send_capabilities(self, peer_key: bytes) -> None:
+        """Tell a peer, under the session just completed, what we accept. A stock WireGuard peer drops the
+        unknown message type; a TunnelMesh peer learns it may send us seeded checksums."""
+        udp = self.udp
+        if udp is None:
+            return
+        with self._lock, self._send_lock:
+            peer = self.device.peers.get(peer_key)
+            keypair = None if peer is None else peer.keypairs.current
+            if peer is None or keypair is None or peer.endpoint is None:
+                return
+            endpoint = peer.endpoint
+            data = keypair.encrypt(CAPABILITY_MAGIC + struct.pack("<I", self._local_caps))
+        try:
+            udp.send(_CAPS + data[1:], endpoint)
+        except DataplaneError as exc:
+            log.debug("event=udp_send_failed peer=%s error=%r", short(peer_key), str(exc))
+
+    def _receive_capabilities(self, now: float, src: Endpoint, d: Buffer) -> None:
+        """A capabilities message: authenticated and replay-checked like transport, then remembered for the
+        keypair it came under. Changes nothing else (no endpoint, no timers)."""
+        entry = self.device.index_table.lookup(_U32.unpack_from(d, 4)[0])
+        if entry is None or entry.keypair is None or now - entry.keypair.created > REJECT_AFTER_TIME:
+            return
+        try:
+            pt = entry.keypair.decrypt(d)  # type: ignore[arg-type]
+        except (InvalidTag, ReplayedCounter):
+            with self._lock:
+                self.device.drops[wg.DropReason.DECRYPT_FAILURE] += 1
+            return
+        if not pt.startswith(CAPABILITY_MAGIC) or len(pt) < len(CAPABILITY_MAGIC) + 4:
+            return
+        flags = struct.unpack_from("<I", pt, len(CAPABILITY_MAGIC))[0]
+        key = entry.peer.public_key
+        if flags & CAP_PARTIAL_CSUM:
+            if self._seeded_peers.get(key) != entry.keypair.local_index:
+                log.info(
+                    "event=peer_capabilities iface=%s peer=%s seeded_checksums=on", self.name, short(key)
+                )
+            self._seeded_peers[key] = entry.keypair.local_index
+        else:
+            self._seeded_peers.pop(key, None)
+
+    # -- control: handshakes and timers ----------------------------------------------------------------------
+
+    def _control_loop(self) -> None:
+        stop = self._stop
+        q = self._handshakes
+        wake = self._wake
+        while not stop.is_set():
+            now = time.monotonic()
+            if not q:
+                with self._lock:
+                    deadline = self.device.next_deadline()
+                wait = CONTROL_TICK if deadline is None else min(CONTROL_TICK, max(0.0, deadline - now))
+                if wait > 0:
+                    wake.wait(wait)
+                wake.clear()
+            for _ in range(HANDSHAKE_BURST):
+                if not q:
+                    break
+                backlog = len(q)
+                src, data = q.popleft()
+                now = time.monotonic()
+                if backlog >= UNDER_LOAD_QUEUE:
+                    self._under_load_until = now + UNDER_LOAD_HOLD
+                self._set_under_load(now < self._under_load_until, backlog)
+                with self._lock, self._send_lock:
+                    actions = self.device.receive(now, src, data)
+                self._execute(actions)  # handshake messages never deliver packets
+                # Hand the GIL to the packet threads between handshake messages: under a flood this thread
+                # would otherwise keep it for a whole switch interval (5 ms) at a time.
+                time.sleep(0)
+            now = time.monotonic()
+            if not q:
+                self._set_under_load(now < self._under_load_until, 0)
+            with self._lock:
+                d = self.device.next_deadline()
+                due = d is not None and d <= now
+            if due:
+                with self._lock, self._send_lock:
+                    actions = self.device.tick(now)
+                self._execute(actions)
+
+    def _set_under_load(self, under_load: bool, backlog: int) -> None:
+        if under_load != self.device.under_load:
+            self.device.under_load = under_load
+            log.warning(
+                "event=handshake_load iface=%s under_load=%s backlog=%d", self.name, under_load, backlog
+            )
+
+
+class _Collector(Collector):
+    """Prometheus view of one engine, computed at scrape time from plain counters."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        iface = self.plane.name
+        labels = ["interface", "peer"]
+        rx_b = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_rx_bytes", "Bytes received from a peer (UDP payload)", labels=labels
+        )
+        tx_b = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_tx_bytes", "Bytes sent to a peer (UDP payload)", labels=labels
+        )
+        rx_p = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_rx_packets", "IP packets received from a peer", labels=labels
+        )
+        tx_p = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_tx_packets", "IP packets sent to a peer", labels=labels
+        )
+        hs = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_handshakes", "Completed handshakes with a peer", labels=labels
+        )
+        last = GaugeMetricFamily(
+            "tunnelmesh_dataplane_peer_latest_handshake_seconds",
+            "Unix time of the latest completed handshake (0: never)",
+            labels=labels,
+        )
+        for p in self.plane.peers():
+            lv = [iface, key_b64(p.public_key)]
+            rx_b.add_metric(lv, p.rx_bytes)
+            tx_b.add_metric(lv, p.tx_bytes)
+            rx_p.add_metric(lv, p.rx_packets)
+            tx_p.add_metric(lv, p.tx_packets)
+            hs.add_metric(lv, p.handshakes)
+            last.add_metric(lv, p.latest_handshake or 0.0)
+        drops = CounterMetricFamily(
+            "tunnelmesh_dataplane_drops",
+            "Packets and datagrams dropped, by reason",
+            labels=["interface", "reason"],
+        )
+        for r, n in self.plane.drops().items():
+            drops.add_metric([iface, r], n)
+        load = GaugeMetricFamily(
+            "tunnelmesh_dataplane_under_load",
+            "1 while handshakes are answered with cookies",
+            labels=["interface"],
+        )
+        load.add_metric([iface], 1.0 if self.plane.device.under_load else 0.0)
+        yield from (rx_b, tx_b, rx_p, tx_p, hs, last, drops, load)
+
+
+_CLONE_NEWNET: Final = 0x40000000
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _send_retyped(udp: UdpSocket, datagrams: Sequence[bytes], first: bytes, endpoint: Endpoint) -> None:
+    """Send datagrams with their type byte replaced by ``first``, as GSO runs, without copying them."""
+    n = len(datagrams)
+    i = 0
+    while i < n:
+        size = len(datagrams[i])
+        total = size
+        j = i + 1
+        while j < n and j - i < _UDP_MAX_SEGMENTS:
+            m = len(datagrams[j])
+            if m > size or total + m > _GSO_LIMIT:
+                break
+            total += m
+            j += 1
+            if m < size:
+                break
+        iov: list[Buffer] = []
+        for dg in datagrams[i:j]:
+            iov += (first, memoryview(dg)[1:])
+        if j - i == 1:
+            udp.send(b"".join(iov), endpoint)
+        else:
+            udp.send_gso(iov, size, endpoint)
+        i = j
+
+
+def _fmt_endpoint(ep: Endpoint | None) -> str:
+    if ep is None:
+        return "-"
+    host, port = ep
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

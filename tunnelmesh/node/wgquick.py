@@ -1,0 +1,316 @@
+"""wg-quick configuration files: parse ``[Interface]`` and ``[Peer]`` sections into data plane configs.
+
+The format is wg-quick's (``wg-quick(8)``, ``wg(8)``): INI-like, ``Key = Value`` lines, ``#`` comments, keys
+case-insensitive, any number of ``[Peer]`` sections, list values comma-separated and repeatable
+(``AllowedIPs`` on several lines add up). Existing files work unchanged: keys that only wg-quick's shell
+script acts on (``DNS``, ``Table``, ``PreUp``/``PostUp``/``PreDown``/``PostDown``, ``SaveConfig``, ``FwMark``)
+are accepted and reported as ignored. ``PrivateKeyFile`` and ``PresharedKeyFile`` are TunnelMesh additions
+that keep secrets out of the config file (key files must be mode 0600, as ``tunnelmesh.identity`` requires).
+
+Every error names the file, the line and the field, and says what a valid value looks like; no error message
+contains key material.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunnelmesh.errors import ConfigError, IdentityError
+from tunnelmesh.identity import parse_private_key, parse_public_key, read_private_key_file
+from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
+
+__all__ = ["WgQuickConfig", "interface_name_for", "load", "parse"]
+
+_INTERFACE_KEYS = {"privatekey", "privatekeyfile", "listenport", "address", "mtu"}
+_IGNORED_INTERFACE_KEYS = {"dns", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"}
+_PEER_KEYS = {
+    "publickey",
+    "presharedkey",
+    "presharedkeyfile",
+    "endpoint",
+    "allowedips",
+    "persistentkeepalive",
+}
+_CANONICAL = {
+    "privatekey": "PrivateKey",
+    "privatekeyfile": "PrivateKeyFile",
+    "listenport": "ListenPort",
+    "address": "Address",
+    "mtu": "MTU",
+    "publickey": "PublicKey",
+    "presharedkey": "PresharedKey",
+    "presharedkeyfile": "PresharedKeyFile",
+    "endpoint": "Endpoint",
+    "allowedips": "AllowedIPs",
+    "persistentkeepalive": "PersistentKeepalive",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WgQuickConfig:
+    interface: InterfaceConfig
+    peers: tuple[PeerConfig, ...]
+    ignored: tuple[str, ...] = field(default=())  # "file:line: Key" of keys we accept but do not act on
+
+
+def interface_name_for(path: str | os.PathLike[str]) -> str:
+    """The interface name wg-quick derives from a config path: the file name without ``.conf``."""
+    name = Path(path).name
+    if name.endswith(".conf"):
+        name = name[: -len(".conf")]
+    return name
+
+
+def load(path: str | os.PathLike[str], *, name: str | None = None) -> WgQuickConfig:
+    target = Path(path)
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{target}: config file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{target}: permission denied reading the config file; run as root") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{target}: not a text file (UTF-8 expected)") from None
+    except OSError as exc:
+        raise ConfigError(f"{target}: cannot read the config file: {exc.strerror}") from None
+    return parse(text, source=str(target), name=name or interface_name_for(target), base_dir=target.parent)
+
+
+class _Section:
+    def __init__(self, kind: str, line: int) -> None:
+        self.kind = kind
+        self.line = line
+        self.values: dict[str, list[tuple[int, str]]] = {}
+
+
+def parse(
+    text: str, *, source: str = "<config>", name: str = "tm0", base_dir: Path | None = None
+) -> WgQuickConfig:
+    """Parse wg-quick config ``text``; ``source`` names it in errors."""
+    sections: list[_Section] = []
+    ignored: list[str] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{lineno}"
+        if line.startswith("["):
+            if not line.endswith("]"):
+                raise ConfigError(f"{where}: section header {line!r} is missing its closing ']'")
+            kind = line[1:-1].strip().lower()
+            if kind not in ("interface", "peer"):
+                raise ConfigError(
+                    f"{where}: unknown section [{line[1:-1].strip()}]; expected [Interface] or [Peer]"
+                )
+            if kind == "interface" and any(s.kind == "interface" for s in sections):
+                raise ConfigError(f"{where}: a second [Interface] section; a config has exactly one")
+            sections.append(_Section(kind, lineno))
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{where}: expected `Key = Value`, got {line!r}")
+        key, value = (part.strip() for part in line.split("=", 1))
+        lkey = key.lower()
+        if not sections:
+            raise ConfigError(f"{where}: `{key}` appears before any [Interface] or [Peer] section")
+        section = sections[-1]
+        allowed = _INTERFACE_KEYS if section.kind == "interface" else _PEER_KEYS
+        if section.kind == "interface" and lkey in _IGNORED_INTERFACE_KEYS:
+            ignored.append(f"{where}: {key}")
+            continue
+        if lkey not in allowed:
+            names = ", ".join(_CANONICAL[k] for k in sorted(allowed))
+            raise ConfigError(
+                f"{where}: unknown key `{key}` in [{section.kind.title()}]; expected one of {names}"
+            )
+        if lkey not in ("address", "allowedips") and lkey in section.values:
+            first = section.values[lkey][0][0]
+            raise ConfigError(f"{where}: `{key}` is set twice in this section (first on line {first})")
+        section.values.setdefault(lkey, []).append((lineno, value))
+
+    interfaces = [s for s in sections if s.kind == "interface"]
+    if not interfaces:
+        raise ConfigError(f"{source}: no [Interface] section; a config needs one with a PrivateKey")
+    iface = _interface(interfaces[0], source, name, base_dir)
+    peers: list[PeerConfig] = []
+    seen: dict[bytes, int] = {}
+    for s in sections:
+        if s.kind != "peer":
+            continue
+        peer = _peer(s, source, base_dir)
+        if peer.public_key in seen:
+            raise ConfigError(
+                f"{source}:{s.line}: [Peer] repeats the PublicKey of the [Peer] "
+                f"on line {seen[peer.public_key]}"
+            )
+        if peer.public_key == _public_of(iface.private_key):
+            raise ConfigError(f"{source}:{s.line}: [Peer] has this interface's own public key")
+        seen[peer.public_key] = s.line
+        peers.append(peer)
+    return WgQuickConfig(iface, tuple(peers), tuple(ignored))
+
+
+def _public_of(private_key: bytes) -> bytes:
+    import nacl.bindings
+
+    return bytes(nacl.bindings.crypto_scalarmult_base(private_key))
+
+
+def _one(s: _Section, key: str) -> tuple[int, str] | None:
+    found = s.values.get(key)
+    return found[0] if found else None
+
+
+def _list(s: _Section, key: str) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    for lineno, value in s.values.get(key, []):
+        out += [(lineno, item.strip()) for item in value.split(",") if item.strip()]
+    return out
+
+
+def _key_file(path_text: str, where: str, field_name: str, base_dir: Path | None) -> bytes:
+    path = Path(path_text).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return read_private_key_file(path, field_name)
+    except IdentityError as exc:
+        raise ConfigError(f"{where}: {field_name}: {exc}") from None
+
+
+def _interface(s: _Section, source: str, name: str, base_dir: Path | None) -> InterfaceConfig:
+    key = _one(s, "privatekey")
+    key_file = _one(s, "privatekeyfile")
+    if key and key_file:
+        raise ConfigError(f"{source}:{key_file[0]}: set PrivateKey or PrivateKeyFile, not both")
+    if key is None and key_file is None:
+        raise ConfigError(
+            f"{source}:{s.line}: [Interface] has no PrivateKey; generate one with `wg genkey` "
+            f"(or set PrivateKeyFile to a 0600 file holding it)"
+        )
+    try:
+        if key is not None:
+            private = parse_private_key(key[1], source=f"{source}:{key[0]}: PrivateKey")
+        else:
+            assert key_file is not None
+            where = f"{source}:{key_file[0]}"
+            raw = _key_file(key_file[1], where, "PrivateKeyFile", base_dir)
+            private = parse_private_key(raw, source=f"{where}: PrivateKeyFile {key_file[1]}")
+    except IdentityError as exc:
+        raise ConfigError(str(exc)) from None
+    port = 0
+    if (lp := _one(s, "listenport")) is not None:
+        port = _int(lp, source, "ListenPort", 0, 65535)
+    mtu = DEFAULT_MTU
+    if (m := _one(s, "mtu")) is not None:
+        mtu = _int(m, source, "MTU", 576, 65535)
+    addresses: list[str] = []
+    for lineno, value in _list(s, "address"):
+        try:
+            iface = ipaddress.ip_interface(value)
+        except ValueError:
+            raise ConfigError(
+                f"{source}:{lineno}: Address {value!r} is not an address with prefix, e.g. 10.0.0.1/24"
+            ) from None
+        if "/" not in value:
+            iface = ipaddress.ip_interface(f"{value}/{iface.max_prefixlen}")
+        addresses.append(str(iface))
+    return InterfaceConfig(
+        private_key=bytes(private.private_key),
+        name=name,
+        listen_port=port,
+        addresses=tuple(addresses),
+        mtu=mtu,
+    )
+
+
+def _peer(s: _Section, source: str, base_dir: Path | None) -> PeerConfig:
+    pk = _one(s, "publickey")
+    if pk is None:
+        raise ConfigError(f"{source}:{s.line}: [Peer] has no PublicKey (the peer's `wg pubkey` output)")
+    try:
+        public = bytes(parse_public_key(pk[1], source=f"{source}:{pk[0]}: PublicKey"))
+    except IdentityError as exc:
+        raise ConfigError(str(exc)) from None
+    psk: bytes | None = None
+    psk_line, psk_file = _one(s, "presharedkey"), _one(s, "presharedkeyfile")
+    if psk_line and psk_file:
+        raise ConfigError(f"{source}:{psk_file[0]}: set PresharedKey or PresharedKeyFile, not both")
+    try:
+        if psk_line is not None:
+            psk = bytes(parse_public_key(psk_line[1], source=f"{source}:{psk_line[0]}: PresharedKey"))
+        elif psk_file is not None:
+            where = f"{source}:{psk_file[0]}"
+            raw = _key_file(psk_file[1], where, "PresharedKeyFile", base_dir)
+            psk = bytes(parse_public_key(raw, source=f"{where}: PresharedKeyFile {psk_file[1]}"))
+    except IdentityError as exc:
+        # parse_public_key says "public key"; a PSK has the same encoding (`wg genpsk`).
+        raise ConfigError(str(exc).replace("public key", "preshared key (`wg genpsk` output)")) from None
+    endpoint = None
+    if (ep := _one(s, "endpoint")) is not None:
+        endpoint = _endpoint(ep, source)
+    keepalive = 0.0
+    if (ka := _one(s, "persistentkeepalive")) is not None:
+        keepalive = (
+            0.0 if ka[1].lower() == "off" else float(_int(ka, source, "PersistentKeepalive", 0, 65535))
+        )
+    allowed: list[str] = []
+    for lineno, value in _list(s, "allowedips"):
+        try:
+            allowed.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{source}:{lineno}: AllowedIPs entry {value!r} is not a network, "
+                "e.g. 10.0.0.2/32 or fd00::/64"
+            ) from None
+    return PeerConfig(
+        public_key=public,
+        allowed_ips=tuple(allowed),
+        endpoint=endpoint,
+        preshared_key=psk,
+        persistent_keepalive=keepalive,
+    )
+
+
+def _int(item: tuple[int, str], source: str, field_name: str, lo: int, hi: int) -> int:
+    lineno, value = item
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise ConfigError(f"{source}:{lineno}: {field_name} {value!r} is not a number ({lo}-{hi})") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{source}:{lineno}: {field_name} {n} is out of range ({lo}-{hi})")
+    return n
+
+
+def _endpoint(item: tuple[int, str], source: str) -> tuple[str, int]:
+    lineno, value = item
+    where = f"{source}:{lineno}"
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(
+            f"{where}: Endpoint {value!r} needs host:port, e.g. 198.51.100.7:51820 or [2001:db8::1]:51820"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(
+            f"{where}: Endpoint {value!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:51820"
+        )
+    port = _int((lineno, port_text), source, "Endpoint port", 1, 65535)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConfigError(f"{where}: Endpoint host {host!r} does not resolve: {exc}") from None
+        return str(infos[0][4][0]), port
+    if addr.version == 6:
+        raise ConfigError(
+            f"{where}: Endpoint {value!r}: IPv6 endpoints are not supported yet (the socket is IPv4)"
+        )
+    return str(addr), port
