@@ -505,8 +505,9 @@ class CoordConfig(_Model):
     )
     seeds: AddressList = Field(
         default=(),
-        description="peer_listen addresses of existing coordinators to join; comma-separated in env/flags.",
-        examples=[["coord1.example.com:8444"]],
+        description="Public API (coord.listen) addresses of coordinators to join through; comma-separated in "
+        "env/flags.",
+        examples=[["coord1.example.com:8443"]],
     )
     mdns: bool = Field(default=True, description="Announce and discover coordinators on the LAN with mDNS.")
     mesh_cidr: Network = Field(

@@ -189,6 +189,7 @@ def test_raft_service_methods() -> None:
         "Join": UNARY,
         "Propose": UNARY,
         "ReadIndex": UNARY,
+        "Send": UNARY,
     }
     assert hasattr(raft_pb2_grpc, "RaftStub")
     assert callable(raft_pb2_grpc.add_RaftServicer_to_server)

@@ -14,7 +14,9 @@ import click
 from rich.console import Console
 
 from tunnelmesh import __version__
+from tunnelmesh.cli.cluster_cmd import cluster
 from tunnelmesh.cli.config_cmd import config
+from tunnelmesh.cli.coord_cmd import coord
 from tunnelmesh.cli.dataplane_cmd import dataplane
 from tunnelmesh.cli.netlab_cmd import netlab
 from tunnelmesh.cli.node_cmd import node
@@ -98,7 +100,9 @@ def cli(log_level: str) -> None:
 
 def _register_commands(group: click.Group) -> None:
     built: dict[str, click.Command] = {
+        "coord": coord,
         "node": node,
+        "cluster": cluster,
         "dataplane": dataplane,
         "config": config,
         "netlab": netlab,

@@ -415,8 +415,10 @@ Global___SnapshotMetadata: _TypeAlias = SnapshotMetadata  # noqa: Y015
 
 @_typing.final
 class InstallSnapshotChunk(_message.Message):
-    """One chunk of a snapshot. The data is a serialized tunnelmesh.v1.StateSnapshot, split into chunks of at most
-    1 MiB (below gRPC's default 4 MiB message limit).
+    """One chunk of a snapshot, split into chunks of at most 1 MiB (below gRPC's default 4 MiB message limit). The
+    data is "TMS1", a big-endian uint32 length, the member registry as a ConfState (members = every member's
+    addresses and storage id; learners = every member id ever removed, never to be reused), then a serialized
+    tunnelmesh.v1.StateSnapshot (absent in the bootstrap snapshot: an empty state).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -571,6 +573,7 @@ class Member(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     RAFT_ADDRESS_FIELD_NUMBER: _builtins.int
     API_ADDRESS_FIELD_NUMBER: _builtins.int
+    STORAGE_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.int
     """Member id (see the file comment)."""
     name: _builtins.str
@@ -579,6 +582,10 @@ class Member(_message.Message):
     """Raft gRPC address (this service), "host:port"."""
     api_address: _builtins.str
     """Public API address, "host:port"."""
+    storage_id: _builtins.str
+    """Random id of the member's data directory (new after a wipe). A member id is bound to the storage id it
+    joined with: a wiped coordinator cannot rejoin under its old id (and vote a second time in a term).
+    """
     def __init__(
         self,
         *,
@@ -586,10 +593,11 @@ class Member(_message.Message):
         name: _builtins.str = ...,
         raft_address: _builtins.str = ...,
         api_address: _builtins.str = ...,
+        storage_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "member_id", b"member_id", "name", b"name", "raft_address", b"raft_address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "member_id", b"member_id", "name", b"name", "raft_address", b"raft_address", "storage_id", b"storage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -771,12 +779,15 @@ class ReadIndexResponse(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     READ_INDEX_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
     read_index: _builtins.int
     """Commit index confirmed by a quorum at the time of the request. The follower serves the read once it has
     applied up to this index.
     """
     context: _builtins.bytes
     """Echo of the request's context."""
+    term: _builtins.int
+    """Leader's term when it confirmed the read index."""
     @_builtins.property
     def header(self) -> Global___RaftHeader:
         """Cluster, sender and recipient (see RaftHeader)."""
@@ -787,11 +798,166 @@ class ReadIndexResponse(_message.Message):
         header: Global___RaftHeader | None = ...,
         read_index: _builtins.int = ...,
         context: _builtins.bytes = ...,
+        term: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "header", b"header", "read_index", b"read_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "header", b"header", "read_index", b"read_index", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadIndexResponse: _TypeAlias = ReadIndexResponse  # noqa: Y015
+
+@_typing.final
+class TransferLeaderRequest(_message.Message):
+    """A follower forwards an operator's leadership transfer request to the leader."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    TRANSFEREE_FIELD_NUMBER: _builtins.int
+    transferee: _builtins.int
+    """Voter that should become leader."""
+    @_builtins.property
+    def header(self) -> Global___RaftHeader:
+        """Cluster, sender and recipient (see RaftHeader)."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RaftHeader | None = ...,
+        transferee: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "transferee", b"transferee"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferLeaderRequest: _TypeAlias = TransferLeaderRequest  # noqa: Y015
+
+@_typing.final
+class RaftEnvelope(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------
+    Batched one-way delivery
+
+    One core message. Headers inside are left empty: the batch's header applies to all of them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_VOTE_FIELD_NUMBER: _builtins.int
+    REQUEST_VOTE_RESPONSE_FIELD_NUMBER: _builtins.int
+    APPEND_ENTRIES_FIELD_NUMBER: _builtins.int
+    APPEND_ENTRIES_RESPONSE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_NOW_FIELD_NUMBER: _builtins.int
+    READ_INDEX_FIELD_NUMBER: _builtins.int
+    READ_INDEX_RESPONSE_FIELD_NUMBER: _builtins.int
+    TRANSFER_LEADER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request_vote(self) -> Global___RequestVoteRequest:
+        """VOTE / PRE_VOTE."""
+
+    @_builtins.property
+    def request_vote_response(self) -> Global___RequestVoteResponse:
+        """VOTE_RESP / PRE_VOTE_RESP."""
+
+    @_builtins.property
+    def append_entries(self) -> Global___AppendEntriesRequest:
+        """APP / HEARTBEAT."""
+
+    @_builtins.property
+    def append_entries_response(self) -> Global___AppendEntriesResponse:
+        """APP_RESP / HEARTBEAT_RESP."""
+
+    @_builtins.property
+    def timeout_now(self) -> Global___TimeoutNowRequest:
+        """TIMEOUT_NOW."""
+
+    @_builtins.property
+    def read_index(self) -> Global___ReadIndexRequest:
+        """READ_INDEX forwarded to the leader."""
+
+    @_builtins.property
+    def read_index_response(self) -> Global___ReadIndexResponse:
+        """READ_INDEX_RESP."""
+
+    @_builtins.property
+    def transfer_leader(self) -> Global___TransferLeaderRequest:
+        """TRANSFER_LEADER forwarded to the leader."""
+
+    def __init__(
+        self,
+        *,
+        request_vote: Global___RequestVoteRequest | None = ...,
+        request_vote_response: Global___RequestVoteResponse | None = ...,
+        append_entries: Global___AppendEntriesRequest | None = ...,
+        append_entries_response: Global___AppendEntriesResponse | None = ...,
+        timeout_now: Global___TimeoutNowRequest | None = ...,
+        read_index: Global___ReadIndexRequest | None = ...,
+        read_index_response: Global___ReadIndexResponse | None = ...,
+        transfer_leader: Global___TransferLeaderRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["append_entries", b"append_entries", "append_entries_response", b"append_entries_response", "message", b"message", "read_index", b"read_index", "read_index_response", b"read_index_response", "request_vote", b"request_vote", "request_vote_response", b"request_vote_response", "timeout_now", b"timeout_now", "transfer_leader", b"transfer_leader"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_entries", b"append_entries", "append_entries_response", b"append_entries_response", "message", b"message", "read_index", b"read_index", "read_index_response", b"read_index_response", "request_vote", b"request_vote", "request_vote_response", b"request_vote_response", "timeout_now", b"timeout_now", "transfer_leader", b"transfer_leader"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["request_vote", "request_vote_response", "append_entries", "append_entries_response", "timeout_now", "read_index", "read_index_response", "transfer_leader"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___RaftEnvelope: _TypeAlias = RaftEnvelope  # noqa: Y015
+
+@_typing.final
+class MessageBatch(_message.Message):
+    """Messages from one coordinator to another, in the order the sender's core produced them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___RaftHeader:
+        """Cluster, sender and recipient (see RaftHeader); applies to every message of the batch."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___RaftEnvelope]:
+        """The messages."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RaftHeader | None = ...,
+        messages: _abc.Iterable[Global___RaftEnvelope] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageBatch: _TypeAlias = MessageBatch  # noqa: Y015
+
+@_typing.final
+class SendResponse(_message.Message):
+    """Receipt of a batch (not an answer to its messages)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___RaftHeader:
+        """Cluster, sender and recipient (see RaftHeader)."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RaftHeader | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015

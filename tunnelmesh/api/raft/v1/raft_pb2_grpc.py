@@ -70,6 +70,11 @@ class RaftStub:
                 request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexRequest.SerializeToString,
                 response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexResponse.FromString,
                 _registered_method=True)
+        self.Send = channel.unary_unary(
+                '/tunnelmesh.raft.v1.Raft/Send',
+                request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
+                response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -126,6 +131,18 @@ class RaftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Send(self, request, context):
+        """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
+        every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
+        sends everything queued since its previous call as one batch, in order; answers travel back the same way
+        in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
+        request/response view of the same messages (for tools and debugging); coordinators answer them with
+        UNIMPLEMENTED and use Send.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RaftServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +180,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.ReadIndex,
                     request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexRequest.FromString,
                     response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexResponse.SerializeToString,
+            ),
+            'Send': grpc.unary_unary_rpc_method_handler(
+                    servicer.Send,
+                    request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.FromString,
+                    response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +377,33 @@ class Raft:
             '/tunnelmesh.raft.v1.Raft/ReadIndex',
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexRequest.SerializeToString,
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Send(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelmesh.raft.v1.Raft/Send',
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
             options,
             channel_credentials,
             insecure,

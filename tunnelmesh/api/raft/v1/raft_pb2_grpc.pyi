@@ -67,6 +67,14 @@ class RaftStub:
     """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command)."""
     ReadIndex: _grpc.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
+    Send: _grpc.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]
+    """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
+    every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
+    sends everything queued since its previous call as one batch, in order; answers travel back the same way
+    in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
+    request/response view of the same messages (for tools and debugging); coordinators answer them with
+    UNIMPLEMENTED and use Send.
+    """
 
 @_typing.type_check_only
 class RaftAsyncStub(RaftStub):
@@ -89,6 +97,14 @@ class RaftAsyncStub(RaftStub):
     """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command)."""
     ReadIndex: _aio.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]  # type: ignore[assignment]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
+    Send: _aio.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]  # type: ignore[assignment]
+    """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
+    every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
+    sends everything queued since its previous call as one batch, in order; answers travel back the same way
+    in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
+    request/response view of the same messages (for tools and debugging); coordinators answer them with
+    UNIMPLEMENTED and use Send.
+    """
 
 class RaftServicer(metaclass=_abc_1.ABCMeta):
     """Internal Raft transport between coordinators of one cluster (never exposed on the public API port)."""
@@ -150,5 +166,19 @@ class RaftServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_raft_pb2.ReadIndexResponse, _abc.Awaitable[_raft_pb2.ReadIndexResponse]]:
         """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
+
+    @_abc_1.abstractmethod
+    def Send(
+        self,
+        request: _raft_pb2.MessageBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_raft_pb2.SendResponse, _abc.Awaitable[_raft_pb2.SendResponse]]:
+        """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
+        every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
+        sends everything queued since its previous call as one batch, in order; answers travel back the same way
+        in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
+        request/response view of the same messages (for tools and debugging); coordinators answer them with
+        UNIMPLEMENTED and use Send.
+        """
 
 def add_RaftServicer_to_server(servicer: RaftServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,42 @@
+"""Joining is explicit: a coordinator with an empty data dir and nothing to join refuses to start (no
+accidental second cluster); with ``--mdns`` and the join secret it finds a member on the LAN and joins as a
+learner (and stays one while promoting it would make the number of voters even). Needs root; about 15 s."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.coordlab import CoordLab
+from tunnelmesh.netlab import Lab
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="netlab needs root to create network namespaces"),
+    pytest.mark.timeout(90),
+]
+
+
+def test_empty_data_dir_without_bootstrap_refuses_and_mdns_join_adds_a_learner(tmp_path: Path) -> None:
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        cl = CoordLab(lab, tmp_path)
+        lonely = cl.add("lonely")
+        proc = lonely.start()
+        assert proc.wait(20) == 1
+        assert "--bootstrap" in proc.log_text() and "no coordinator to join" in proc.log_text()
+        assert not (lonely.data_dir / "raft").exists()
+
+        c1 = cl.add()
+        c1.start("--bootstrap", "--mdns")
+        c1.wait_serving()
+        c2 = cl.add()
+        secret = (c1.data_dir / "join-secret").read_text().strip()
+        c2.start("--mdns", "--join-secret", secret)
+        c2.wait_serving(timeout=30)
+        st = cl.wait_for(
+            lambda s: s["learners"] == [c2.member_id], timeout=20, what="c2 as a learner", via=[c1]
+        )
+        assert st["voters"] == [c1.member_id]  # 2 voters would tolerate no more failures than 1
+        assert cl.ops(c2, [["put", "k", "v"], ["get", "k"]])[1]["value"] == "v"

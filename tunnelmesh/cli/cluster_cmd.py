@@ -1,0 +1,96 @@
+"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import click
+from google.protobuf.json_format import MessageToDict
+
+from tunnelmesh.api.v1 import admin_pb2
+from tunnelmesh.client import Client
+
+_ROLE = {admin_pb2.MEMBER_ROLE_VOTER: "voter", admin_pb2.MEMBER_ROLE_LEARNER: "learner"}
+
+_coordinator_option = click.option(
+    "--coordinator",
+    "-c",
+    "endpoints",
+    envvar="TUNNELMESH_COORDINATOR",
+    default="127.0.0.1:8443",
+    show_default=True,
+    help="Public API address(es) of any coordinator, comma-separated.",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _run(endpoints: str, fn: Any) -> Any:
+    async def main() -> Any:
+        async with Client([e.strip() for e in endpoints.split(",") if e.strip()]) as c:
+            return await fn(c)
+
+    return asyncio.run(main())
+
+
+def _members_table(members: list[admin_pb2.Member]) -> None:
+    click.echo(f"{'MEMBER':<18}{'NAME':<16}{'ROLE':<9}{'LEADER':<8}{'HEALTHY':<9}{'API':<22}RAFT")
+    for m in members:
+        click.echo(
+            f"{m.member_id:<18}{m.info.name:<16}{_ROLE.get(m.role, '?'):<9}{'*' if m.is_leader else '':<8}"
+            f"{'yes' if m.healthy else '-':<9}{m.info.api_address:<22}{m.raft_address}"
+        )
+
+
+@click.group("cluster")
+def cluster() -> None:
+    """Coordinator cluster: status, members, leadership transfer, member removal."""
+
+
+@cluster.command("status")
+@_coordinator_option
+@_json_option
+def status(endpoints: str, as_json: bool) -> None:
+    """Leader, term, commit/applied indexes and members, as the serving coordinator sees them."""
+    st: admin_pb2.GetClusterStatusResponse = _run(endpoints, lambda c: c.cluster_status())
+    if as_json:
+        click.echo(json.dumps(MessageToDict(st), indent=2))
+        return
+    click.echo(f"cluster   {st.cluster_id}")
+    click.echo(f"serving   {st.member_id}")
+    click.echo(f"leader    {st.leader_id or '(none: election in progress or no quorum)'}")
+    click.echo(f"term      {st.term}")
+    click.echo(f"commit    {st.commit_index}   applied {st.applied_index}   snapshot {st.snapshot_index}")
+    click.echo("")
+    _members_table(list(st.members))
+
+
+@cluster.command("members")
+@_coordinator_option
+@_json_option
+def members(endpoints: str, as_json: bool) -> None:
+    """List voters and learners."""
+    ms: list[admin_pb2.Member] = _run(endpoints, lambda c: c.members())
+    if as_json:
+        click.echo(json.dumps([MessageToDict(m) for m in ms], indent=2))
+        return
+    _members_table(ms)
+
+
+@cluster.command("transfer-leader")
+@_coordinator_option
+@click.argument("target", required=False, default="")
+def transfer_leader(endpoints: str, target: str) -> None:
+    """Move leadership to TARGET (member id), or to the most up-to-date other voter."""
+    r: admin_pb2.TransferLeadershipResponse = _run(endpoints, lambda c: c.transfer_leadership(target))
+    click.echo(f"leader is now {r.leader_id} (term {r.term})")
+
+
+@cluster.command("remove")
+@_coordinator_option
+@click.argument("member_id")
+def remove(endpoints: str, member_id: str) -> None:
+    """Remove MEMBER_ID from the cluster (its id is never reused; wipe its data dir to reuse the host)."""
+    r: admin_pb2.RemoveMemberResponse = _run(endpoints, lambda c: c.remove_member(member_id))
+    click.echo(f"removed {member_id}; {len(r.members)} members remain")

@@ -1,0 +1,586 @@
+"""The Raft driver: the asyncio loop tying the core, the durable store, the transport and the state machine.
+
+Theory of operation
+===================
+
+This is the only part of ``coord/raft`` that touches time, threads and sockets (etcd's ``node.go``). One task,
+``_loop``, owns the ``RawNode``: it steps inbound messages, ticks, collects ``Ready`` values and handles each
+**in the order of the rawnode contract**:
+
+1. a snapshot from the leader is saved together with the entries and hard state (one SQLite transaction,
+   fsynced, run in a worker thread so the event loop keeps serving RPCs) and the state machine is restored
+   from it;
+2. entries + hard state are durable before anything else happens;
+3. then messages are handed to the transport (which never blocks) -- except on a leader whose term and vote
+   are already durable, which sends first and persists in parallel (see ``_handle_ready`` for why that is
+   safe with this loop);
+4. committed entries are applied: NORMAL entries to ``MeshState.apply``, CONF_CHANGE entries to
+   ``RawNode.apply_conf_change`` and to the member registry (addresses, storage ids);
+5. read states are released (readers wait until the state machine applied the read index);
+6. ``advance``.
+
+Client work enters through coroutines that never block the loop: ``propose`` appends to the core directly
+(``RawNode.propose`` is allowed between ``ready`` and ``advance``) and waits for the entry with that index
+*and term* to be applied (another term at that index means the proposal was lost in a leader change:
+``ProposalDropped``); ``read_index`` batches every read queued during one loop turn into one ReadIndex round.
+Every wait has a deadline. ``NotLeader`` is raised to the caller, which forwards (``service.py``).
+
+Snapshots: every ``snapshot_entries`` applied entries the driver serializes the state machine and the member
+registry (``encode_snapshot``), records it with ``create_snapshot`` and compacts the log up to
+``snapshot index - catchup_entries`` (never past the snapshot). A restarted node restores the latest snapshot
+and the core re-delivers the committed entries after it.
+
+A store that truncated an uncommitted tail on open (``storage.truncated_from``) may have acknowledged entries
+it no longer has; until its commit index reaches that point again the node neither votes nor campaigns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import random
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tunnelmesh import pki
+from tunnelmesh.api.raft.v1 import raft_pb2
+from tunnelmesh.api.v1 import state_pb2
+from tunnelmesh.coord.raft.core import Config
+from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
+from tunnelmesh.coord.raft.messages import (
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    Ready,
+    Snapshot,
+    SnapshotStatus,
+    StateType,
+)
+from tunnelmesh.coord.raft.rawnode import RawNode
+from tunnelmesh.coord.raft.storage import SqliteStorage
+from tunnelmesh.coord.raft.transport import Transport, member_label
+from tunnelmesh.coord.state import MeshState
+
+log = logging.getLogger(__name__)
+
+_SNAP_MAGIC = b"TMS1"
+_U32 = struct.Struct(">I")
+
+
+class DeadlineExceeded(RaftError):
+    """A proposal or read did not complete before its deadline (its outcome is unknown for writes)."""
+
+
+# -- the snapshot envelope: member registry + mesh state -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class Registry:
+    """What the Raft layer knows about members beyond their ids: addresses, names, storage ids, and every id
+    ever removed (ids are never reused)."""
+
+    members: dict[int, raft_pb2.Member] = field(default_factory=dict)
+    removed: set[int] = field(default_factory=set)
+
+    def encode(self) -> bytes:
+        cs = raft_pb2.ConfState(
+            members=[self.members[k] for k in sorted(self.members)], learners=sorted(self.removed)
+        )
+        return cs.SerializeToString()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Registry:
+        cs = raft_pb2.ConfState.FromString(data)
+        return cls({m.member_id: m for m in cs.members}, set(cs.learners))
+
+
+def encode_snapshot(registry: Registry, state: bytes) -> bytes:
+    """Snapshot data: ``TMS1``, the registry (a raft ``ConfState`` whose ``members`` are the members and whose
+    ``learners`` field lists removed ids), then the ``StateSnapshot`` bytes."""
+    reg = registry.encode()
+    return _SNAP_MAGIC + _U32.pack(len(reg)) + reg + state
+
+
+def decode_snapshot(data: bytes) -> tuple[Registry, bytes]:
+    if not data:
+        return Registry(), b""
+    if data[:4] != _SNAP_MAGIC or len(data) < 8:
+        raise RaftError("snapshot data is not a TunnelMesh coordinator snapshot (bad magic)")
+    (n,) = _U32.unpack_from(data, 4)
+    return Registry.decode(data[8 : 8 + n]), data[8 + n :]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    member_id: int
+    match: int
+    recent_active: bool
+    last_contact_age: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStatus:
+    member_id: int
+    cluster_id: str
+    leader_id: int
+    role: StateType
+    term: int
+    commit: int
+    applied: int
+    snapshot_index: int
+    conf_state: ConfState
+    members: dict[int, raft_pb2.Member]
+    peers: dict[int, PeerStatus]
+    votes_disabled: bool
+
+
+@dataclass(slots=True)
+class DriverOptions:
+    tick: float = 0.1
+    election_ticks: int = 10
+    heartbeat_ticks: int = 1
+    snapshot_entries: int = 10_000
+    catchup_entries: int = 5_000
+
+
+class Driver:
+    """Runs one Raft member. Create, ``await start()`` (binds the Raft port), then ``await run()``."""
+
+    def __init__(
+        self,
+        *,
+        storage: SqliteStorage,
+        state: MeshState,
+        cluster_id: str,
+        member_id: int,
+        raft_listen: str,
+        credentials: pki.CoordinatorCredentials,
+        options: DriverOptions | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.storage = storage
+        self.state = state
+        self.cluster_id = cluster_id
+        self.member_id = member_id
+        self.opts = options or DriverOptions()
+        self.registry = Registry()
+        snap = storage.snapshot()
+        applied = 0
+        if not snap.is_empty():
+            self._restore_snapshot(snap)
+            applied = snap.index
+        self.applied = applied
+        self.snapshot_index = snap.index
+        self.conf_state = snap.metadata.conf_state
+        cfg = Config(
+            id=member_id,
+            election_tick=self.opts.election_ticks,
+            heartbeat_tick=self.opts.heartbeat_ticks,
+            applied=applied,
+        )
+        self.node = RawNode(cfg, storage, rng)
+        self.transport = Transport(
+            cluster_id=cluster_id,
+            member_id=member_id,
+            listen=raft_listen,
+            credentials=credentials,
+            deliver=self._deliver,
+            report_unreachable=self._report_unreachable,
+            report_snapshot=self._report_snapshot,
+            rpc_timeout=max(0.5, self.opts.tick * self.opts.election_ticks),
+        )
+        self._inbox: list[Message] = []
+        self._local: list[tuple[str, int, SnapshotStatus]] = []
+        self._wake = asyncio.Event()
+        self._ticks_due = 0
+        self._proposals: dict[int, tuple[int, asyncio.Future[state_pb2.CommandResult | None]]] = {}
+        self._read_batch: list[asyncio.Future[int]] = []
+        self._reads: dict[bytes, list[asyncio.Future[int]]] = {}
+        self._read_ctx = itertools.count(1)
+        self._applied_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_seq = itertools.count()
+        self._last_contact: dict[int, float] = {}
+        self._no_vote_before = storage.truncated_from
+        if self._no_vote_before is not None:
+            log.warning(
+                "event=raft_votes_disabled reason=truncated_tail truncated_from=%d "
+                "detail='will not vote or campaign until the commit index reaches it again'",
+                self._no_vote_before,
+            )
+        self._lead = 0
+        self._role = StateType.FOLLOWER
+        self._stopping = False
+        self._sync_peers()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.transport.start()
+
+    async def run(self) -> None:
+        """Run until cancelled: the Ready loop, the ticker and the transport, all owned by one TaskGroup."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.transport.run(), name="raft-transport")
+                tg.create_task(self._ticker(), name="raft-ticker")
+                tg.create_task(self._loop(), name="raft-loop")
+        finally:
+            self._stopping = True
+            self._fail_all(RaftError("the coordinator is shutting down"))
+            await self.transport.close()
+
+    # -- inputs from the transport ---------------------------------------------------------------------------
+
+    def _deliver(self, msgs: Sequence[Message]) -> None:
+        if not msgs:
+            return
+        now = time.monotonic()
+        for m in msgs:
+            self._last_contact[m.frm] = now
+        self._inbox.extend(msgs)
+        self._wake.set()
+
+    def _report_unreachable(self, peer: int) -> None:
+        self._local.append(("unreachable", peer, SnapshotStatus.FAILURE))
+        self._wake.set()
+
+    def _report_snapshot(self, peer: int, status: SnapshotStatus) -> None:
+        self._local.append(("snapshot", peer, status))
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        nxt = loop.time()
+        while True:
+            nxt += self.opts.tick
+            await asyncio.sleep(max(0.0, nxt - loop.time()))
+            self._ticks_due += 1
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        node = self.node
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for _ in range(self._ticks_due):
+                if self._no_vote_before is not None and not node.is_leader:
+                    continue  # a node that lost acknowledged entries must not campaign
+                node.tick()
+            self._ticks_due = 0
+            inbox, self._inbox = self._inbox, []
+            for m in inbox:
+                if self._no_vote_before is not None and m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
+                    continue
+                try:
+                    node.step(m)
+                except RaftError as exc:
+                    log.debug(
+                        "event=raft_step_refused type=%s from=%x error=%r", m.type.name, m.frm, str(exc)
+                    )
+            local, self._local = self._local, []
+            for kind, peer, status in local:
+                if kind == "unreachable":
+                    node.report_unreachable(peer)
+                else:
+                    node.report_snapshot(peer, status)
+            if self._read_batch:
+                self._start_read_batch()
+            while node.has_ready():
+                rd = node.ready()
+                await self._handle_ready(rd)
+                node.advance(rd)
+            await self._maybe_snapshot()
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        if rd.soft_state is not None:
+            self._on_soft_state(rd.soft_state.lead, rd.soft_state.raft_state)
+        # A leader whose term and vote are already durable sends before persisting its own entries (Raft
+        # thesis §10.2.1: the leader's disk write runs in parallel with replication). This is safe *here*
+        # although the core counts the leader's unpersisted entries towards commitment: this loop steps no
+        # response before the save below has returned, so no entry can be found committed by a quorum that
+        # includes the leader before it is on the leader's disk. (Proposals stepped meanwhile only append.)
+        early = (
+            rd.messages
+            and rd.snapshot is None
+            and self.node.raft.state == StateType.LEADER
+            and self._term_vote_durable(rd)
+        )
+        if early:
+            self.transport.send(rd.messages)
+        # 1 + 2: snapshot, entries and hard state in one fsynced transaction, off the event loop thread. A
+        # Ready that only moves the commit index is written without fsync (a lost commit index is relearned
+        # from the leader), inline: a thread hop would cost more than the write.
+        if rd.snapshot is not None or rd.entries or rd.must_sync:
+            await asyncio.to_thread(
+                self.storage.save, rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync
+            )
+        elif rd.hard_state is not None:
+            self.storage.save(rd.hard_state, sync=False)
+        if rd.snapshot is not None:
+            self._restore_snapshot(rd.snapshot)
+            self.applied = max(self.applied, rd.snapshot.index)
+            self.snapshot_index = rd.snapshot.index
+            self.conf_state = rd.snapshot.metadata.conf_state
+            self._sync_peers()
+            log.info("event=raft_snapshot_installed index=%d term=%d", rd.snapshot.index, rd.snapshot.term)
+        nv = self._no_vote_before
+        if rd.hard_state is not None and nv is not None and rd.hard_state.commit >= nv:
+            log.info("event=raft_votes_enabled commit=%d", rd.hard_state.commit)
+            self._no_vote_before = None
+        # 3: send.
+        if rd.messages and not early:
+            self.transport.send(rd.messages)
+        # 4: apply.
+        for e in rd.committed_entries:
+            self._apply(e)
+        # 5: reads.
+        for rs in rd.read_states:
+            for fut in self._reads.pop(rs.request_ctx, ()):
+                if not fut.done():
+                    fut.set_result(rs.index)
+        self._release_applied_waiters()
+
+    def _term_vote_durable(self, rd: Ready) -> bool:
+        hs = rd.hard_state
+        if hs is None:
+            return True
+        cur = self.storage.hard_state
+        return (hs.term, hs.vote) == (cur.term, cur.vote)
+
+    def _on_soft_state(self, lead: int, role: StateType) -> None:
+        if lead != self._lead:
+            term = self.node.raft.term
+            if lead:
+                log.info("event=leader_elected term=%d leader=%x self=%x", term, lead, self.member_id)
+            else:
+                log.info("event=leader_lost term=%d self=%x", term, self.member_id)
+            # Reads waiting on an old leader's answer will never get one.
+            self._fail_reads(NotLeader(lead, self.member_id))
+        if role != self._role:
+            log.info("event=raft_role_changed role=%s term=%d", role.name, self.node.raft.term)
+        self._lead, self._role = lead, role
+
+    def _apply(self, e: Entry) -> None:
+        if e.index <= self.applied:
+            return
+        result: state_pb2.CommandResult | None = None
+        if e.type == EntryType.CONF_CHANGE:
+            cc = ConfChange.decode(e.data)
+            self.conf_state = self.node.apply_conf_change(cc)
+            self._apply_member_change(cc)
+        elif e.index > self.state.applied_index:
+            result = self.state.apply(e.index, e.data)
+        self.applied = e.index
+        pending = self._proposals.pop(e.index, None)
+        if pending is not None:
+            term, fut = pending
+            if not fut.done():
+                if term == e.term:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(
+                        ProposalDropped(f"entry {e.index} was replaced in a leader change; retry")
+                    )
+
+    def _apply_member_change(self, cc: ConfChange) -> None:
+        reg = self.registry
+        if cc.type == ConfChangeType.REMOVE_NODE:
+            reg.members.pop(cc.node_id, None)
+            reg.removed.add(cc.node_id)
+            log.info("event=raft_member_removed member=%x", cc.node_id)
+            if cc.node_id == self.member_id:
+                log.warning(
+                    "event=raft_self_removed detail='this coordinator is no longer a member; stop it'"
+                )
+        else:
+            if cc.context:
+                try:
+                    m = raft_pb2.Member.FromString(cc.context)
+                    reg.members[cc.node_id] = m
+                except Exception:
+                    log.warning("event=raft_member_context_invalid member=%x", cc.node_id)
+            log.info(
+                "event=raft_member_added member=%x role=%s voters=%s learners=%s",
+                cc.node_id,
+                "voter" if cc.type == ConfChangeType.ADD_NODE else "learner",
+                ",".join(f"{v:x}" for v in self.conf_state.voters),
+                ",".join(f"{v:x}" for v in self.conf_state.learners),
+            )
+        self._sync_peers()
+
+    def _restore_snapshot(self, snap: Snapshot) -> None:
+        reg, state = decode_snapshot(snap.data)
+        self.registry = reg
+        # The bootstrap snapshot carries no state: start from an empty mesh state.
+        self.state = MeshState.from_snapshot(state) if state else MeshState()
+
+    def _sync_peers(self) -> None:
+        peers = {mid: m.raft_address for mid, m in self.registry.members.items() if mid != self.member_id}
+        self.transport.set_peers(peers)
+
+    async def _maybe_snapshot(self) -> None:
+        if self.applied - self.snapshot_index < self.opts.snapshot_entries:
+            return
+        index = self.applied
+        data = encode_snapshot(self.registry, self.state.snapshot())
+        snap = await asyncio.to_thread(self.storage.create_snapshot, index, self.conf_state, data)
+        self.snapshot_index = snap.index
+        compact_to = snap.index - self.opts.catchup_entries
+        if compact_to > self.storage.first_index():
+            await asyncio.to_thread(self.storage.compact, compact_to)
+            log.info("event=raft_log_compacted index=%d snapshot_index=%d", compact_to, snap.index)
+
+    # -- client work -----------------------------------------------------------------------------------------
+
+    async def propose(self, data: bytes, timeout: float) -> tuple[int, state_pb2.CommandResult | None]:  # noqa: ASYNC109 - a wait budget
+        """Propose a NORMAL entry; returns (index, result) once applied. ``NotLeader``, ``ProposalDropped``,
+        ``DeadlineExceeded``."""
+        index, term = self.node.propose(data)
+        return index, await self._wait_proposal(index, term, timeout)
+
+    async def propose_conf_change(self, cc: ConfChange, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
+        index, term = self.node.propose_conf_change(cc)
+        await self._wait_proposal(index, term, timeout)
+        return index
+
+    async def _wait_proposal(self, index: int, term: int, timeout: float) -> state_pb2.CommandResult | None:  # noqa: ASYNC109 - a wait budget
+        fut: asyncio.Future[state_pb2.CommandResult | None] = asyncio.get_running_loop().create_future()
+        self._proposals[index] = (term, fut)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            raise DeadlineExceeded(f"entry {index} was not applied within {timeout:.1f}s") from None
+        finally:
+            if self._proposals.get(index, (0, None))[1] is fut:
+                del self._proposals[index]
+
+    async def read_index(self, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
+        """A linearizable read barrier: returns once this member has applied everything committed when the
+        call started (confirmed by a quorum through the leader)."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._read_batch.append(fut)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                index = await fut
+                await self.wait_applied(index, timeout)
+                return index
+        except TimeoutError:
+            raise DeadlineExceeded(f"read index not confirmed within {timeout:.1f}s") from None
+
+    def _start_read_batch(self) -> None:
+        batch, self._read_batch = self._read_batch, []
+        ctx = next(self._read_ctx).to_bytes(8, "big")
+        try:
+            self.node.read_index(ctx)
+        except RaftError as exc:
+            for fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self._reads[ctx] = batch
+
+    async def wait_applied(self, index: int, timeout: float) -> None:  # noqa: ASYNC109 - a wait budget
+        if self.applied >= index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._applied_waiters, (index, next(self._waiter_seq), fut))
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise DeadlineExceeded(f"index {index} not applied within {timeout:.1f}s") from None
+
+    def _release_applied_waiters(self) -> None:
+        w = self._applied_waiters
+        while w and w[0][0] <= self.applied:
+            _, _, fut = heapq.heappop(w)
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail_reads(self, exc: Exception) -> None:
+        reads, self._reads = self._reads, {}
+        for futs in reads.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fail_reads(exc)
+        for _, fut in self._proposals.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._proposals.clear()
+        for rf in self._read_batch:
+            if not rf.done():
+                rf.set_exception(exc)
+        self._read_batch.clear()
+
+    def transfer_leadership(self, target: int) -> None:
+        self.node.transfer_leadership(target)
+        self._wake.set()
+
+    # -- introspection ---------------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.node.is_leader
+
+    @property
+    def leader_id(self) -> int:
+        return self.node.leader_id
+
+    def status(self) -> DriverStatus:
+        r = self.node.raft
+        now = time.monotonic()
+        peers: dict[int, PeerStatus] = {}
+        for mid, pr in r.prs.progress.items():
+            seen = self._last_contact.get(mid)
+            peers[mid] = PeerStatus(
+                member_id=mid,
+                match=pr.match if r.state == StateType.LEADER else 0,
+                recent_active=pr.recent_active,
+                last_contact_age=None if seen is None else now - seen,
+            )
+        return DriverStatus(
+            member_id=self.member_id,
+            cluster_id=self.cluster_id,
+            leader_id=r.lead,
+            role=r.state,
+            term=r.term,
+            commit=r.raft_log.committed,
+            applied=self.applied,
+            snapshot_index=self.snapshot_index,
+            conf_state=self.conf_state,
+            members=dict(self.registry.members),
+            peers=peers,
+            votes_disabled=self._no_vote_before is not None,
+        )
+
+    def caught_up_learners(self, max_lag: int) -> list[int]:
+        """Learners whose log is within ``max_lag`` entries of the leader's (leader only)."""
+        r = self.node.raft
+        if r.state != StateType.LEADER:
+            return []
+        last = r.raft_log.last_index()
+        out = []
+        for mid in self.conf_state.learners:
+            pr = r.prs.progress.get(mid)
+            if pr is not None and pr.match + max_lag >= last and pr.recent_active:
+                out.append(mid)
+        return sorted(out)
+
+    def label(self) -> str:
+        return member_label(self.member_id)

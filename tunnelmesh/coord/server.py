@@ -1,0 +1,453 @@
+"""The coordinator process: data dir, bootstrap or join, the Raft port and the public API port.
+
+Data dir layout (``--data-dir D``)::
+
+    D/ca.crt, D/ca.key         cluster CA (every coordinator holds it; see pki.py)
+    D/coord.crt, D/coord.key   this coordinator's certificate (URI SAN tunnelmesh://cluster/<c>/coord/<m>)
+    D/join-secret              the cluster join secret (0600)
+    D/raft/                    SqliteStorage: Raft log, hard state, snapshots, identity (cluster, member,
+                               storage id)
+
+Starting:
+
+* ``D/raft`` exists: restart as the member recorded there (``--bootstrap`` and seeds are ignored).
+* ``--bootstrap``: a new cluster with this coordinator as its only voter (refused if ``D`` holds a cluster).
+* otherwise: join. The join secret (``--join-secret`` / ``TUNNELMESH_JOIN_SECRET``) opens the cluster
+  credentials bundle fetched from a seed's public API port (``ClusterJoinService.GetJoinBundle``) or from
+  a coordinator found by mDNS; this coordinator picks a new random member id, issues its own certificate
+  with the cluster CA, creates its store and calls ``Raft.Join`` on a member (forwarded to the leader),
+  which adds it as a learner; the leader promotes it to voter once it has caught up.
+* no data, no ``--bootstrap``, no seeds and nobody found: refuse, and say what to do (two clusters must never
+  be formed by accident).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tunnelmesh import pki
+from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
+from tunnelmesh.api.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode_snapshot
+from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
+from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage
+from tunnelmesh.coord.raft.transport import member_label
+from tunnelmesh.coord.service import AdminServicer, ClusterJoinServicer, Coordinator, KvServicer
+from tunnelmesh.coord.state import MeshState
+from tunnelmesh.errors import TunnelMeshError
+
+log = logging.getLogger(__name__)
+
+JOIN_SECRET_FILE = "join-secret"
+RAFT_DIR = "raft"
+JOIN_SECRET_ENV = "TUNNELMESH_JOIN_SECRET"
+
+
+class CoordError(TunnelMeshError):
+    """The coordinator cannot start: the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class CoordOptions:
+    data_dir: Path
+    listen: str = "0.0.0.0:8443"
+    raft_listen: str = "0.0.0.0:8444"
+    advertise_host: str | None = None
+    seeds: list[str] = field(default_factory=list)
+    mdns: bool = False
+    bootstrap: bool = False
+    join_secret: str | None = None
+    cluster_id: str | None = None
+    name: str = field(default_factory=socket.gethostname)
+    max_voters: int = 5
+    driver: DriverOptions = field(default_factory=DriverOptions)
+    join_timeout: float = 60.0
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _advertised(addr: str, advertise_host: str | None) -> str:
+    host, port = _split(addr)
+    if advertise_host:
+        host = advertise_host
+    elif host in ("", "0.0.0.0", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ips(host: str) -> list[str]:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    return [host]
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def new_member_id() -> int:
+    """A random member id: 63 bits, so ids are never reused in practice (a removed id is also refused)."""
+    return random.SystemRandom().randrange(1, 1 << 63)
+
+
+class CoordinatorProcess:
+    """One coordinator: ``await run()`` until cancelled or SIGTERM."""
+
+    def __init__(self, opts: CoordOptions) -> None:
+        self.opts = opts
+        self.data_dir = Path(opts.data_dir)
+        self.api_address = _advertised(opts.listen, opts.advertise_host)
+        self.raft_address = _advertised(opts.raft_listen, opts.advertise_host)
+        self._join_members: list[str] = []
+        self._needs_join = False
+
+    # -- preparing the data dir ------------------------------------------------------------------------------
+
+    async def _prepare(self) -> SqliteStorage:
+        d = self.data_dir
+        if (d / RAFT_DIR / DB_NAME).exists():
+            if self.opts.bootstrap:
+                log.warning("event=bootstrap_ignored reason='data dir already holds a cluster member'")
+            storage = SqliteStorage.open(d / RAFT_DIR)
+            ident = storage.identity
+            if ident.cluster_id is None or ident.member_id is None:
+                raise CoordError(
+                    f"{d}: the Raft store has no cluster/member identity; wipe it and join again"
+                )
+            snap = storage.snapshot()
+            if snap.is_empty() and storage.last_index() == 0:
+                # Created but never reached by the leader (crashed during the join, or the join was refused):
+                # ask again, with the same member and storage id (a repeated join is idempotent).
+                self._needs_join = True
+                if self.opts.seeds:
+                    with contextlib.suppress(CoordError):
+                        resp = await self._fetch_bundle(list(self.opts.seeds))
+                        self._join_members = [resp.raft_address, *resp.member_raft_addresses]
+            return storage
+        if self.opts.bootstrap:
+            return self._bootstrap()
+        seeds = list(self.opts.seeds)
+        if not seeds and self.opts.mdns:
+            seeds = await self._discover()
+        if not seeds:
+            raise CoordError(
+                f"{d} holds no cluster and no coordinator to join was given or found.\n"
+                "  To start a NEW cluster here:   tunnelmesh coord --data-dir ... --bootstrap\n"
+                "  To join an existing cluster:   tunnelmesh coord --data-dir ... --seed <api host:port> "
+                "--join-secret <secret printed at bootstrap>   (or --mdns on the same LAN)"
+            )
+        return await self._prepare_join(seeds)
+
+    async def _discover(self) -> list[str]:
+        try:
+            from tunnelmesh.coord import discovery
+        except ImportError:
+            return []
+        _, port = _split(self.raft_address)
+        disc = discovery.Discovery(name=self.opts.name, port=port, api=self.api_address, mdns=True)
+        await disc.start()
+        try:
+            found = await disc.find_members(timeout=3.0)
+        finally:
+            await disc.stop()
+        clusters = {c.cluster_id for c in found if c.cluster_id}
+        if len(clusters) > 1:
+            raise CoordError(f"mDNS found coordinators of several clusters {sorted(clusters)}; pass --seed")
+        return [c.api for c in found if c.api]
+
+    def _bootstrap(self) -> SqliteStorage:
+        d = self.data_dir
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cluster_id = self.opts.cluster_id or f"tm-{secrets.token_hex(4)}"
+        if (d / pki.CA_KEY_FILE).exists():
+            ca = pki.load_ca(d)  # a bootstrap that crashed before creating the store
+            cluster_id = ca.cluster_id or cluster_id
+        else:
+            ca = pki.create_ca(cluster_id)
+            pki.save_ca(ca, d)
+        secret_path = d / JOIN_SECRET_FILE
+        if not secret_path.exists():
+            _write_secret(secret_path, self.opts.join_secret or secrets.token_urlsafe(32))
+        member_id = new_member_id()
+        storage = SqliteStorage.open(d / RAFT_DIR, create=True, cluster_id=cluster_id, member_id=member_id)
+        me = self._member(member_id, storage.identity.storage_id)
+        reg = Registry({member_id: me})
+        conf = ConfState(voters=(member_id,))
+        # As SqliteStorage.bootstrap, but the snapshot carries the founding member's addresses.
+        storage.save(
+            HardState(term=1, vote=0, commit=1),
+            (),
+            Snapshot(SnapshotMetadata(1, 1, conf), encode_snapshot(reg, b"")),
+        )
+        secret = secret_path.read_text().strip()
+        log.info("event=cluster_bootstrapped cluster=%s member=%x", cluster_id, member_id)
+        print(
+            f"Bootstrapped cluster {cluster_id} (member {member_label(member_id)}).\n"
+            f"Join secret (also in {secret_path}): {secret}\n"
+            f"Add a coordinator: tunnelmesh coord --data-dir <dir> --seed {self.api_address} "
+            f"--join-secret <secret>",
+            flush=True,
+        )
+        return storage
+
+    async def _prepare_join(self, seeds: list[str]) -> SqliteStorage:
+        secret = self.opts.join_secret or os.environ.get(JOIN_SECRET_ENV)
+        if not secret:
+            raise CoordError(
+                f"joining needs the cluster's join secret: pass --join-secret or set {JOIN_SECRET_ENV} (it "
+                f"was "
+                f"printed at bootstrap and is in <data-dir>/{JOIN_SECRET_FILE} on every coordinator)"
+            )
+        resp = await self._fetch_bundle(seeds)
+        try:
+            ca = pki.import_cluster_bundle(resp.bundle, secret)
+        except pki.PkiError as exc:
+            raise CoordError(f"cannot open the cluster bundle from {seeds}: {exc}") from None
+        if ca.cluster_id is not None and ca.cluster_id != resp.cluster_id:
+            raise CoordError(f"the bundle's CA belongs to cluster {ca.cluster_id}, not {resp.cluster_id}")
+        d = self.data_dir
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not (d / pki.CA_KEY_FILE).exists():
+            pki.save_ca(ca, d)
+        if not (d / JOIN_SECRET_FILE).exists():
+            _write_secret(d / JOIN_SECRET_FILE, secret)
+        member_id = new_member_id()
+        storage = SqliteStorage.open(
+            d / RAFT_DIR, create=True, cluster_id=resp.cluster_id, member_id=member_id
+        )
+        self._join_members = [resp.raft_address, *resp.member_raft_addresses]
+        self._needs_join = True
+        log.info("event=join_prepared cluster=%s member=%x", resp.cluster_id, member_id)
+        return storage
+
+    async def _fetch_bundle(self, seeds: list[str]) -> cluster_pb2.GetJoinBundleResponse:
+        errors = []
+        for seed in seeds:
+            async with grpc.aio.insecure_channel(seed) as ch:
+                stub = cluster_pb2_grpc.ClusterJoinServiceStub(ch)
+                try:
+                    resp: cluster_pb2.GetJoinBundleResponse = await stub.GetJoinBundle(
+                        cluster_pb2.GetJoinBundleRequest(cluster_id=self.opts.cluster_id or ""), timeout=5.0
+                    )
+                    return resp
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{seed}: {exc.code().name} {exc.details()}")
+        raise CoordError("no seed answered with the cluster bundle:\n  " + "\n  ".join(errors))
+
+    def _member(self, member_id: int, storage_id: str) -> raft_pb2.Member:
+        return raft_pb2.Member(
+            member_id=member_id,
+            name=self.opts.name,
+            raft_address=self.raft_address,
+            api_address=self.api_address,
+            storage_id=storage_id,
+        )
+
+    # -- joining ---------------------------------------------------------------------------------------------
+
+    async def _join(self, driver: Driver, me: raft_pb2.Member) -> None:
+        """Call Raft.Join on known members until one accepts (the member forwards it to the leader)."""
+        targets = [a for a in dict.fromkeys(self._join_members) if a and a != self.raft_address]
+        targets += [m.raft_address for m in driver.registry.members.values() if m.raft_address not in targets]
+        if not targets:
+            log.error("event=join_impossible reason='no member address known; restart with --seed'")
+            return
+        creds = driver.transport.channel_credentials
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.join_timeout
+        attempt = 0
+        while loop.time() < deadline:
+            addr = targets[attempt % len(targets)]
+            attempt += 1
+            options = pki.coordinator_channel_options(driver.cluster_id)
+            async with grpc.aio.secure_channel(addr, creds, options=options) as ch:
+                stub = raft_pb2_grpc.RaftStub(ch)
+                req = raft_pb2.JoinRequest(
+                    header=raft_pb2.RaftHeader(cluster_id=driver.cluster_id, from_id=me.member_id, to_id=0),
+                    member=me,
+                )
+                try:
+                    resp: raft_pb2.JoinResponse = await stub.Join(req, timeout=10.0)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning(
+                        "event=join_attempt_failed target=%s code=%s detail=%r",
+                        addr,
+                        exc.code().name,
+                        exc.details(),
+                    )
+                    if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
+                        raise CoordError(f"join refused by {addr}: {exc.details()}") from None
+                    await asyncio.sleep(min(2.0, 0.2 * attempt))
+                    continue
+            # Know where the members are until the leader's snapshot brings the registry.
+            for m in resp.members:
+                driver.registry.members.setdefault(m.member_id, m)
+            driver._sync_peers()
+            log.info(
+                "event=joined cluster=%s member=%x leader=%x conf_change_index=%d",
+                driver.cluster_id,
+                me.member_id,
+                resp.leader_id,
+                resp.conf_change_index,
+            )
+            return
+        raise CoordError(f"could not join through {targets} within {self.opts.join_timeout:.0f}s")
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        storage = await self._prepare()
+        try:
+            await self._serve(storage)
+        finally:
+            storage.close()
+
+    async def _serve(self, storage: SqliteStorage) -> None:
+        ident = storage.identity
+        assert ident.cluster_id is not None and ident.member_id is not None
+        cluster_id, member_id = ident.cluster_id, ident.member_id
+        raft_host, _ = _split(self.raft_address)
+        creds = await asyncio.to_thread(
+            pki.load_coordinator_credentials,
+            self.data_dir,
+            cluster_id=cluster_id,
+            member_id=member_label(member_id),
+            ip_addresses=_ips(raft_host),
+        )
+        secret_path = self.data_dir / JOIN_SECRET_FILE
+        bundle: Callable[[], bytes] | None = None
+        ca = creds.ca
+        if ca is not None and secret_path.exists():
+            secret = secret_path.read_text().strip()
+
+            def bundle() -> bytes:
+                return pki.export_cluster_bundle(ca, secret)
+
+        driver = Driver(
+            storage=storage,
+            state=MeshState(),
+            cluster_id=cluster_id,
+            member_id=member_id,
+            raft_listen=self.opts.raft_listen,
+            credentials=creds,
+            options=self.opts.driver,
+        )
+        me = self._member(member_id, ident.storage_id)
+        coord = Coordinator(driver, self_member=me, join_bundle=bundle, max_voters=self.opts.max_voters)
+        await driver.start()
+        public = await self._start_public(coord)
+        log.info(
+            "event=coordinator_started cluster=%s member=%x api=%s raft=%s",
+            cluster_id,
+            member_id,
+            self.api_address,
+            self.raft_address,
+        )
+        print(
+            f"coordinator {member_label(member_id)} of cluster {cluster_id} serving on {self.api_address}",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        announcer = await self._announce(cluster_id, member_id)
+        try:
+            await self._run_tasks(driver, coord, me, stop)
+        except* TunnelMeshError as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            if announcer is not None:
+                await announcer.stop()
+            await public.stop(grace=0.5)
+
+    async def _announce(self, cluster_id: str, member_id: int) -> Any:
+        """With ``--mdns``: announce this member (cluster id, member id, API address) so that new coordinators
+        on the LAN find it. Discovery failing (no multicast) is logged, never fatal."""
+        if not self.opts.mdns:
+            return None
+        try:
+            from tunnelmesh.coord import discovery
+        except ImportError:
+            return None
+        _, port = _split(self.raft_address)
+        disc = discovery.Discovery(
+            name=self.opts.name,
+            port=port,
+            cluster_id=cluster_id,
+            member_id=member_label(member_id),
+            api=self.api_address,
+            mdns=True,
+        )
+        try:
+            await disc.start()
+        except TunnelMeshError as exc:
+            log.warning("event=mdns_announce_failed error=%r", str(exc))
+            return None
+        return disc
+
+    async def _run_tasks(
+        self, driver: Driver, coord: Coordinator, me: raft_pb2.Member, stop: asyncio.Event
+    ) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(driver.run(), name="raft-driver"),
+                tg.create_task(coord.membership_loop(), name="membership"),
+            ]
+            if self._needs_join:
+                tasks.append(tg.create_task(self._join(driver, me), name="join"))
+            await stop.wait()
+            log.info("event=coordinator_stopping")
+            for t in tasks:
+                t.cancel()
+
+    async def _start_public(self, coord: Coordinator) -> grpc.aio.Server:
+        server = grpc.aio.server()
+        kv_pb2_grpc.add_KvServiceServicer_to_server(KvServicer(coord), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(coord), server)
+        cluster_pb2_grpc.add_ClusterJoinServiceServicer_to_server(ClusterJoinServicer(coord), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [
+            kv_pb2.DESCRIPTOR.services_by_name["KvService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            cluster_pb2.DESCRIPTOR.services_by_name["ClusterJoinService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, server)
+        server.add_insecure_port(self.opts.listen)
+        await server.start()
+        for n in ["", *names[:3]]:
+            await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
+        return server
+
+
+def run_coordinator(opts: CoordOptions) -> None:
+    asyncio.run(CoordinatorProcess(opts).run())

@@ -1,0 +1,612 @@
+"""gRPC servicers of a coordinator: KvService, the cluster part of AdminService, ClusterJoinService, and the
+request/response half of the Raft port (Join, Propose, ReadIndex).
+
+Writes go through ``Coordinator.write``: propose locally when this member leads; otherwise forward the
+serialized ``Command`` to the leader with ``Raft.Propose`` (mutual TLS). When no leader is known, or the
+leader changed under the request, it retries until the request's deadline; this is safe because every
+command carries the client's ``request_id`` and the state machine applies an id at most once.
+
+Reads: ``Coordinator.read_barrier`` runs ReadIndex through the core (a follower's core forwards the request to
+the leader and serves the read from its own state once it has applied the confirmed index).
+
+Auth: the public port has no API-token check yet (the admin auth interceptor comes with the admin API issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from tunnelmesh import pki
+from tunnelmesh.api.raft.v1 import raft_pb2
+from tunnelmesh.api.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    kv_pb2,
+    kv_pb2_grpc,
+    state_pb2,
+)
+from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
+from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
+from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, StateType
+from tunnelmesh.coord.raft.transport import member_label
+from tunnelmesh.coord.state import encode_command
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+RETRY_PAUSE = 0.05
+PROMOTE_MAX_LAG = 64
+
+_ERROR_CODES = {
+    state_pb2.COMMAND_ERROR_CODE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    state_pb2.COMMAND_ERROR_CODE_ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    state_pb2.COMMAND_ERROR_CODE_FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    state_pb2.COMMAND_ERROR_CODE_INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    state_pb2.COMMAND_ERROR_CODE_RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    state_pb2.COMMAND_ERROR_CODE_UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class RequestFailed(Exception):
+    """A request failed with a gRPC status the servicer returns as is."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _remaining(context: Any, default: float = DEFAULT_TIMEOUT) -> float:
+    left = context.time_remaining() if context is not None else None
+    return min(default, left) if left is not None else default
+
+
+class Coordinator:
+    """Request handling on top of a ``Driver``: forwarding, joins, membership upkeep."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        *,
+        self_member: raft_pb2.Member,
+        join_bundle: Callable[[], bytes] | None,
+        max_voters: int,
+    ) -> None:
+        self.driver = driver
+        self.self_member = self_member
+        self._make_bundle = join_bundle
+        self._bundle: bytes | None = None
+        self.max_voters = max_voters
+        self._membership_lock = asyncio.Lock()
+        driver.transport.set_handler(self)
+
+    async def join_bundle(self) -> bytes | None:
+        """The encrypted cluster bundle, made on first use (PBKDF2 with 600k rounds takes ~0.5 s)."""
+        if self._bundle is None and self._make_bundle is not None:
+            self._bundle = await asyncio.to_thread(self._make_bundle)
+        return self._bundle
+
+    @property
+    def cluster_id(self) -> str:
+        return self.driver.cluster_id
+
+    # -- writes ----------------------------------------------------------------------------------------------
+
+    async def write(self, command: bytes, timeout: float) -> state_pb2.CommandResult:  # noqa: ASYNC109 - a wait budget
+        """Commit ``command`` (a serialized Command) through the leader; returns its result once applied here
+        or on the leader. Raises ``RequestFailed``."""
+        deadline = time.monotonic() + timeout
+        last = "no leader"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED if last == "deadline" else grpc.StatusCode.UNAVAILABLE
+                )
+                raise RequestFailed(code, f"write not committed within {timeout:.1f}s ({last}); retry")
+            d = self.driver
+            try:
+                _, result = await d.propose(command, left)
+                return result if result is not None else state_pb2.CommandResult()
+            except NotLeader as exc:
+                lead = exc.leader_id
+                if lead:
+                    fwd = await self._forward_propose(lead, command, left)
+                    if fwd is not None:
+                        return fwd
+                    last = f"leader {member_label(lead)} unreachable"
+                else:
+                    last = "no leader"
+            except ProposalDropped as exc:
+                last = str(exc)
+            except DeadlineExceeded:
+                last = "deadline"
+                continue
+            await asyncio.sleep(RETRY_PAUSE)
+
+    async def _forward_propose(
+        self, lead: int, command: bytes, left: float
+    ) -> state_pb2.CommandResult | None:
+        stub = self.driver.transport.stub(lead)
+        if stub is None:
+            return None
+        req = raft_pb2.ProposeRequest(header=self.driver.transport.header(lead), command=command)
+        try:
+            resp = await stub.Propose(req, timeout=left)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "forwarded write timed out") from None
+            log.debug("event=forward_failed leader=%x code=%s", lead, exc.code().name)
+            return None
+        # The leader applied it; make our own state catch up so a read here sees the write.
+        with _suppress_deadline():
+            await self.driver.wait_applied(resp.index, max(0.0, min(left, 1.0)))
+        return state_pb2.CommandResult.FromString(resp.result)
+
+    async def read_barrier(self, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
+        deadline = time.monotonic() + timeout
+        last = "no leader"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestFailed(
+                    grpc.StatusCode.UNAVAILABLE, f"read not confirmed within {timeout:.1f}s ({last})"
+                )
+            try:
+                return await self.driver.read_index(left)
+            except NotLeader:
+                last = "no leader"
+            except DeadlineExceeded:
+                last = "deadline"
+                continue
+            except RaftError as exc:
+                last = str(exc)
+            await asyncio.sleep(RETRY_PAUSE)
+
+    # -- Raft port: Join / Propose / ReadIndex ---------------------------------------------------------------
+
+    async def handle_propose(
+        self, request: raft_pb2.ProposeRequest, context: Any
+    ) -> raft_pb2.ProposeResponse:
+        d = self.driver
+        try:
+            index, result = await d.propose(request.command, _remaining(context))
+        except NotLeader as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
+        except (ProposalDropped, DeadlineExceeded) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
+        return raft_pb2.ProposeResponse(
+            header=d.transport.header(request.header.from_id),
+            index=index,
+            result=(result or state_pb2.CommandResult()).SerializeToString(),
+        )
+
+    async def handle_read_index(
+        self, request: raft_pb2.ReadIndexRequest, context: Any
+    ) -> raft_pb2.ReadIndexResponse:
+        d = self.driver
+        if not d.is_leader:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader")
+        try:
+            index = await d.read_index(_remaining(context))
+        except RaftError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
+        return raft_pb2.ReadIndexResponse(
+            header=d.transport.header(request.header.from_id),
+            read_index=index,
+            context=request.context,
+            term=d.status().term,
+        )
+
+    async def handle_join(self, request: raft_pb2.JoinRequest, context: Any) -> raft_pb2.JoinResponse:
+        try:
+            return await self.join(request.member, _remaining(context, 10.0))
+        except RequestFailed as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
+    async def join(self, member: raft_pb2.Member, timeout: float) -> raft_pb2.JoinResponse:  # noqa: ASYNC109 - a wait budget
+        d = self.driver
+        mid = member.member_id
+        deadline = time.monotonic() + timeout
+        while not d.is_leader:
+            lead = d.leader_id
+            stub = d.transport.stub(lead) if lead else None
+            if stub is not None:
+                req = raft_pb2.JoinRequest(header=d.transport.header(lead), member=member)
+                try:
+                    return await stub.Join(req, timeout=max(0.1, deadline - time.monotonic()))
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION):
+                        raise RequestFailed(exc.code(), exc.details() or "join refused") from None
+            if time.monotonic() >= deadline:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "no leader to add the member; retry")
+            await asyncio.sleep(0.1)
+        async with self._membership_lock:
+            reg = d.registry
+            if mid in reg.removed:
+                raise RequestFailed(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"member id {member_label(mid)} was removed from the cluster and is never reused; wipe "
+                    "the "
+                    "data dir and join as a new member",
+                )
+            known = reg.members.get(mid)
+            cs = d.conf_state
+            if known is not None and (mid in cs.voters or mid in cs.learners):
+                if known.storage_id != member.storage_id:
+                    raise RequestFailed(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"member {member_label(mid)} joined with storage id {known.storage_id}, not "
+                        f"{member.storage_id}: its data dir was replaced. Remove the old member and join as "
+                        "a new one",
+                    )
+                return raft_pb2.JoinResponse(
+                    header=d.transport.header(mid), leader_id=d.member_id, members=list(reg.members.values())
+                )
+            if not member.storage_id or not member.raft_address:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT, "join needs storage_id and raft_address"
+                )
+            index = await self._conf_change(
+                ConfChange(ConfChangeType.ADD_LEARNER, mid, member.SerializeToString()), deadline
+            )
+            log.info(
+                "event=member_join_accepted member=%x name=%s raft_address=%s index=%d",
+                mid,
+                member.name,
+                member.raft_address,
+                index,
+            )
+            return raft_pb2.JoinResponse(
+                header=d.transport.header(mid),
+                leader_id=d.member_id,
+                conf_change_index=index,
+                members=list(d.registry.members.values()),
+            )
+
+    async def _conf_change(self, cc: ConfChange, deadline: float) -> int:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "membership change not committed in time")
+            try:
+                return await self.driver.propose_conf_change(cc, left)
+            except NotLeader as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            except ProposalDropped:
+                await asyncio.sleep(0.1)
+            except DeadlineExceeded as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    # -- membership upkeep (leader) --------------------------------------------------------------------------
+
+    async def membership_loop(self) -> None:
+        """Promote caught-up learners to voters while that keeps the voter count odd and <= max_voters."""
+        while True:
+            await asyncio.sleep(0.3)
+            d = self.driver
+            if not d.is_leader:
+                continue
+            try:
+                await self._promote_once()
+            except RequestFailed as exc:
+                log.info("event=member_promotion_deferred reason=%r", exc.message)
+
+    async def _promote_once(self) -> None:
+        d = self.driver
+        async with self._membership_lock:
+            voters = len(d.conf_state.voters)
+            ready = d.caught_up_learners(PROMOTE_MAX_LAG)
+            if not ready:
+                return
+            total = voters + len(ready)
+            target = min(self.max_voters, total if total % 2 == 1 else total - 1)
+            if voters >= target:
+                return
+            mid = ready[0]
+            member = d.registry.members.get(mid)
+            ctx = member.SerializeToString() if member is not None else b""
+            index = await self._conf_change(
+                ConfChange(ConfChangeType.ADD_NODE, mid, ctx), time.monotonic() + 5.0
+            )
+            log.info("event=member_promoted member=%x index=%d voters=%d", mid, index, voters + 1)
+
+    async def remove_member(self, mid: int, timeout: float) -> None:  # noqa: ASYNC109 - a wait budget
+        d = self.driver
+        cs = d.conf_state
+        if mid not in cs.voters and mid not in cs.learners:
+            if mid in d.registry.removed:
+                return  # idempotent
+            raise RequestFailed(
+                grpc.StatusCode.NOT_FOUND, f"member {member_label(mid)} is not in the cluster"
+            )
+        if cs.voters == (mid,):
+            raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, "cannot remove the last voter")
+        if not d.is_leader:
+            raise RequestFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"not the leader; send RemoveMember to the leader {member_label(d.leader_id)}",
+            )
+        async with self._membership_lock:
+            await self._conf_change(ConfChange(ConfChangeType.REMOVE_NODE, mid), time.monotonic() + timeout)
+
+    # -- admin views -----------------------------------------------------------------------------------------
+
+    def members_proto(self) -> list[admin_pb2.Member]:
+        st = self.driver.status()
+        out: list[admin_pb2.Member] = []
+        ids = list(st.conf_state.voters) + [
+            m for m in st.conf_state.learners if m not in st.conf_state.voters
+        ]
+        for mid in ids:
+            reg = st.members.get(mid)
+            peer = st.peers.get(mid)
+            m = admin_pb2.Member(
+                member_id=member_label(mid),
+                raft_address=reg.raft_address if reg is not None else "",
+                role=admin_pb2.MEMBER_ROLE_VOTER
+                if mid in st.conf_state.voters
+                else admin_pb2.MEMBER_ROLE_LEARNER,
+                is_leader=mid == st.leader_id,
+            )
+            m.info.id = member_label(mid)
+            if reg is not None:
+                m.info.name = reg.name
+                m.info.api_address = reg.api_address
+            if mid == st.member_id:
+                m.healthy = True
+                m.match_index = st.commit if st.role == StateType.LEADER else 0
+            elif peer is not None:
+                m.match_index = peer.match
+                if peer.last_contact_age is not None:
+                    m.last_contact_age.FromNanoseconds(int(peer.last_contact_age * 1e9))
+                m.healthy = st.role == StateType.LEADER and peer.recent_active
+            out.append(m)
+        return out
+
+
+class _suppress_deadline:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, ev: object, tb: object) -> bool:
+        return isinstance(ev, DeadlineExceeded)
+
+
+async def _fail(context: Any, exc: RequestFailed) -> None:
+    await context.abort(exc.code, exc.message)
+
+
+def _check_result(result: state_pb2.CommandResult) -> None:
+    if result.HasField("error"):
+        code = _ERROR_CODES.get(result.error.code, grpc.StatusCode.INTERNAL)
+        raise RequestFailed(code, result.error.message)
+
+
+class KvServicer(kv_pb2_grpc.KvServiceServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    async def _write(self, body: Any, request_id: str, context: Any) -> state_pb2.KvResult:
+        data = encode_command(body, proposed_at=time.time_ns(), request_id=request_id)
+        try:
+            result = await self.c.write(data, _remaining(context))
+            _check_result(result)
+        except RequestFailed as exc:
+            await _fail(context, exc)
+            raise
+        return result.kv
+
+    async def Put(self, request: kv_pb2.KvPutRequest, context: Any) -> kv_pb2.KvPutResponse:
+        kv = await self._write(
+            state_pb2.KvPut(key=request.key, value=request.value), request.request_id, context
+        )
+        resp = kv_pb2.KvPutResponse(revision=kv.revision)
+        if kv.HasField("previous_value"):
+            resp.previous_value = kv.previous_value
+        return resp
+
+    async def Delete(self, request: kv_pb2.KvDeleteRequest, context: Any) -> kv_pb2.KvDeleteResponse:
+        kv = await self._write(state_pb2.KvDelete(key=request.key), request.request_id, context)
+        resp = kv_pb2.KvDeleteResponse()
+        if kv.HasField("previous_value"):
+            resp.previous_value = kv.previous_value
+        return resp
+
+    async def CompareAndSet(
+        self, request: kv_pb2.KvCompareAndSetRequest, context: Any
+    ) -> kv_pb2.KvCompareAndSetResponse:
+        body = state_pb2.KvCompareAndSet(key=request.key, new_value=request.new_value)
+        if request.HasField("expected_value"):
+            body.expected_value = request.expected_value
+        kv = await self._write(body, request.request_id, context)
+        resp = kv_pb2.KvCompareAndSetResponse(succeeded=kv.succeeded, revision=kv.revision)
+        if kv.HasField("previous_value"):
+            resp.previous_value = kv.previous_value
+        return resp
+
+    async def Get(self, request: kv_pb2.KvGetRequest, context: Any) -> kv_pb2.KvGetResponse:
+        if not request.stale:
+            try:
+                await self.c.read_barrier(_remaining(context))
+            except RequestFailed as exc:
+                await _fail(context, exc)
+                raise
+        d = self.c.driver
+        entry = d.state.kv_get(request.key)
+        if entry is None:
+            return kv_pb2.KvGetResponse(found=False, read_index=d.applied)
+        return kv_pb2.KvGetResponse(
+            found=True, value=entry.value, revision=entry.revision, read_index=d.applied
+        )
+
+
+async def _not_built(name: str, context: Any) -> Any:
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"AdminService.{name} is not built yet (the admin API issue adds nodes and tokens); only the "
+        "cluster methods are served",
+    )
+
+
+class _NotBuiltAdmin:
+    """The node and token methods of AdminService, answered UNIMPLEMENTED until the admin API issue."""
+
+    async def ListNodes(self, request: Any, context: Any) -> Any:
+        return await _not_built("ListNodes", context)
+
+    async def GetNode(self, request: Any, context: Any) -> Any:
+        return await _not_built("GetNode", context)
+
+    async def RenameNode(self, request: Any, context: Any) -> Any:
+        return await _not_built("RenameNode", context)
+
+    async def RemoveNode(self, request: Any, context: Any) -> Any:
+        return await _not_built("RemoveNode", context)
+
+    async def CreateJoinToken(self, request: Any, context: Any) -> Any:
+        return await _not_built("CreateJoinToken", context)
+
+    async def ListJoinTokens(self, request: Any, context: Any) -> Any:
+        return await _not_built("ListJoinTokens", context)
+
+    async def RevokeJoinToken(self, request: Any, context: Any) -> Any:
+        return await _not_built("RevokeJoinToken", context)
+
+    async def CreateApiToken(self, request: Any, context: Any) -> Any:
+        return await _not_built("CreateApiToken", context)
+
+    async def ListApiTokens(self, request: Any, context: Any) -> Any:
+        return await _not_built("ListApiTokens", context)
+
+    async def RevokeApiToken(self, request: Any, context: Any) -> Any:
+        return await _not_built("RevokeApiToken", context)
+
+
+class AdminServicer(_NotBuiltAdmin, admin_pb2_grpc.AdminServiceServicer):
+    """The cluster RPCs; the node/token RPCs are built by a later issue and answer UNIMPLEMENTED."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    async def GetClusterStatus(
+        self, request: admin_pb2.GetClusterStatusRequest, context: Any
+    ) -> admin_pb2.GetClusterStatusResponse:
+        st = self.c.driver.status()
+        return admin_pb2.GetClusterStatusResponse(
+            cluster_id=st.cluster_id,
+            member_id=member_label(st.member_id),
+            leader_id=member_label(st.leader_id) if st.leader_id else "",
+            term=st.term,
+            commit_index=st.commit,
+            applied_index=st.applied,
+            snapshot_index=st.snapshot_index,
+            members=self.c.members_proto(),
+            has_quorum=st.role == StateType.LEADER,
+        )
+
+    async def ListMembers(
+        self, request: admin_pb2.ListMembersRequest, context: Any
+    ) -> admin_pb2.ListMembersResponse:
+        return admin_pb2.ListMembersResponse(members=self.c.members_proto())
+
+    async def TransferLeadership(
+        self, request: admin_pb2.TransferLeadershipRequest, context: Any
+    ) -> admin_pb2.TransferLeadershipResponse:
+        d = self.c.driver
+        st = d.status()
+        if request.target_member_id:
+            try:
+                target = int(request.target_member_id, 16)
+            except ValueError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target_member_id must be hex")
+                raise
+        else:
+            others = [v for v in st.conf_state.voters if v != st.leader_id]
+            if not others:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no other voter to transfer to")
+            target = max(others, key=lambda v: st.peers[v].match if v in st.peers else 0)
+        if target not in st.conf_state.voters:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{member_label(target)} is not a voter")
+        deadline = time.monotonic() + _remaining(context, 10.0)
+        while time.monotonic() < deadline:
+            if d.leader_id == target:
+                return admin_pb2.TransferLeadershipResponse(
+                    leader_id=member_label(target), term=d.status().term
+                )
+            if d.leader_id:
+                d.transfer_leadership(target)
+            await asyncio.sleep(0.2)
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"leadership did not move to {member_label(target)}"
+        )
+        raise AssertionError("unreachable")
+
+    async def RemoveMember(
+        self, request: admin_pb2.RemoveMemberRequest, context: Any
+    ) -> admin_pb2.RemoveMemberResponse:
+        try:
+            mid = int(request.member_id, 16)
+        except ValueError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "member_id must be 16 hex digits")
+            raise
+        try:
+            await self.c.remove_member(mid, _remaining(context, 10.0))
+        except RequestFailed as exc:
+            await _fail(context, exc)
+            raise
+        return admin_pb2.RemoveMemberResponse(members=self.c.members_proto())
+
+
+class ClusterJoinServicer(cluster_pb2_grpc.ClusterJoinServiceServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.c = coord
+
+    async def GetJoinBundle(
+        self, request: cluster_pb2.GetJoinBundleRequest, context: Any
+    ) -> cluster_pb2.GetJoinBundleResponse:
+        c = self.c
+        if request.cluster_id and request.cluster_id != c.cluster_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this coordinator belongs to cluster {c.cluster_id!r}, not {request.cluster_id!r}",
+            )
+        bundle = await c.join_bundle()
+        if bundle is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this coordinator has no join secret")
+            raise AssertionError("unreachable")
+        members = [m.raft_address for m in c.driver.registry.members.values() if m.raft_address]
+        return cluster_pb2.GetJoinBundleResponse(
+            cluster_id=c.cluster_id,
+            bundle=bundle,
+            raft_address=c.self_member.raft_address,
+            member_raft_addresses=sorted(members),
+        )
+
+
+def new_join_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+__all__ = [
+    "AdminServicer",
+    "ClusterJoinServicer",
+    "Coordinator",
+    "KvServicer",
+    "RequestFailed",
+    "new_join_secret",
+    "pki",
+]
