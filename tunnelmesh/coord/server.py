@@ -44,6 +44,7 @@ from grpc_reflection.v1alpha import reflection
 from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
 from tunnelmesh.api.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
+from tunnelmesh.coord import discovery
 from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode_snapshot
 from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
 from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage
@@ -164,10 +165,6 @@ class CoordinatorProcess:
         return await self._prepare_join(seeds)
 
     async def _discover(self) -> list[str]:
-        try:
-            from tunnelmesh.coord import discovery
-        except ImportError:
-            return []
         _, port = _split(self.raft_address)
         disc = discovery.Discovery(name=self.opts.name, port=port, api=self.api_address, mdns=True)
         await disc.start()
@@ -391,10 +388,6 @@ class CoordinatorProcess:
         """With ``--mdns``: announce this member (cluster id, member id, API address) so that new coordinators
         on the LAN find it. Discovery failing (no multicast) is logged, never fatal."""
         if not self.opts.mdns:
-            return None
-        try:
-            from tunnelmesh.coord import discovery
-        except ImportError:
             return None
         _, port = _split(self.raft_address)
         disc = discovery.Discovery(
