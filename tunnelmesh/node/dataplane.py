@@ -72,7 +72,7 @@ from tunnelmesh.node import wg
 from tunnelmesh.node.errors import DataplaneError, OffloadError
 from tunnelmesh.node.offload import VNET_HDR_LEN, VNET_HDR_NONE, Buffer, coalesce, parse_vnet_hdr, segment
 from tunnelmesh.node.tun import MAX_READ, TunDevice
-from tunnelmesh.node.udp import UdpSocket
+from tunnelmesh.node.udp import UdpSocket, gso_runs
 from tunnelmesh.node.wg.actions import Endpoint
 from tunnelmesh.node.wg.constants import (
     MESSAGE_TRANSPORT_MIN_SIZE,
@@ -110,7 +110,6 @@ CAPABILITY_MAGIC: Final = b"TMCAP\x01"
 CAP_PARTIAL_CSUM: Final = 1  # "send me seeds: I write what I decrypt as checksum-pending (NEEDS_CSUM)"
 _SEEDED: Final = bytes((MESSAGE_TM_TRANSPORT_SEEDED,))
 _CAPS: Final = bytes((MESSAGE_TM_CAPABILITIES,))
-_UDP_MAX_SEGMENTS: Final = 64
 _GSO_LIMIT: Final = 65000
 _HANDSHAKE_TYPES: Final = frozenset((1, 2, 3))
 
@@ -1078,28 +1077,14 @@ def _libc() -> ctypes.CDLL:
 
 def _send_retyped(udp: UdpSocket, datagrams: Sequence[bytes], first: bytes, endpoint: Endpoint) -> None:
     """Send datagrams with their type byte replaced by ``first``, as GSO runs, without copying them."""
-    n = len(datagrams)
-    i = 0
-    while i < n:
-        size = len(datagrams[i])
-        total = size
-        j = i + 1
-        while j < n and j - i < _UDP_MAX_SEGMENTS:
-            m = len(datagrams[j])
-            if m > size or total + m > _GSO_LIMIT:
-                break
-            total += m
-            j += 1
-            if m < size:
-                break
+    for i, j in gso_runs([len(d) for d in datagrams], _GSO_LIMIT):
         iov: list[Buffer] = []
         for dg in datagrams[i:j]:
             iov += (first, memoryview(dg)[1:])
         if j - i == 1:
             udp.send(b"".join(iov), endpoint)
         else:
-            udp.send_gso(iov, size, endpoint)
-        i = j
+            udp.send_gso(iov, len(datagrams[i]), endpoint)
 
 
 def _fmt_endpoint(ep: Endpoint | None) -> str:

@@ -28,7 +28,7 @@ import logging
 import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tunnelmesh.node.errors import DataplaneError
 from tunnelmesh.node.offload import Buffer
@@ -49,6 +49,26 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _INT = struct.Struct("=i")
+
+
+def gso_runs(sizes: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Split datagrams (by size) into GSO runs ``[i, j)``: equal sizes plus at most one shorter last one, at
+    most UDP_MAX_SEGMENTS datagrams and ``limit`` bytes each; the kernel segments a run at its first size."""
+    n = len(sizes)
+    i = 0
+    while i < n:
+        size = total = sizes[i]
+        j = i + 1
+        while j < n and j - i < UDP_MAX_SEGMENTS:
+            m = sizes[j]
+            if m > size or total + m > limit:
+                break
+            total += m
+            j += 1
+            if m < size:
+                break
+        yield i, j
+        i = j
 
 
 class UdpSocket:
@@ -187,26 +207,12 @@ class UdpSocket:
                 self.send(d, addr)
             return n
         calls = 0
-        i = 0
-        limit = self._gso_limit
-        while i < n:
-            size = len(datagrams[i])
-            total = size
-            j = i + 1
-            while j < n and j - i < UDP_MAX_SEGMENTS:
-                m = len(datagrams[j])
-                if m > size or total + m > limit:
-                    break
-                total += m
-                j += 1
-                if m < size:
-                    break
+        for i, j in gso_runs([len(d) for d in datagrams], self._gso_limit):
             if j - i == 1:
                 self.send(datagrams[i], addr)
             else:
-                self.send_gso(datagrams[i:j], size, addr)
+                self.send_gso(datagrams[i:j], len(datagrams[i]), addr)
             calls += 1
-            i = j
         return calls
 
     def _send_split(self, bufs: Sequence[Buffer], gso_size: int, addr: Address) -> None:
