@@ -5,10 +5,12 @@ client does not need to find the leader; it needs to survive a coordinator that 
 
 Retry policy (tenacity): a call that fails with UNAVAILABLE (coordinator down, no leader, election in
 progress) is retried on the next endpoint, with exponential backoff from 50 ms doubling to at most 1 s, until
-the call's overall ``deadline`` (default 10 s) is spent. Each attempt has its own deadline (the time left,
-at most ``attempt_timeout``). Writes carry a request id that stays the same across retries, so a retried
-write applies at most once. Other errors (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) are raised
-at once as ``ClientError``. The full client (auth tokens, node API, TLS) is built by a later issue.
+the call's overall ``deadline`` (default 10 s) is spent; no new attempt starts in its last 0.25 s, so a caller
+gets the server's reason (UNAVAILABLE "no leader") rather than a bare DEADLINE_EXCEEDED. Each attempt has its
+own deadline (the time left, at most ``attempt_timeout``). Writes carry a request id that stays the same
+across retries, so a retried write applies at most once. Other errors (INVALID_ARGUMENT, NOT_FOUND,
+FAILED_PRECONDITION, ...) are raised at once as ``ClientError``. The full client (auth tokens, node API,
+TLS) is built by a later issue.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tunnelmesh.errors import TunnelMeshError
 T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+_MIN_ATTEMPT = 0.25  # seconds: shorter attempts could not finish, they would only hide the last reason
 
 
 class ClientError(TunnelMeshError):
@@ -71,7 +74,7 @@ class Client:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_retryable),
                 wait=wait_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(self.deadline),
+                stop=stop_after_delay(max(0.0, self.deadline - _MIN_ATTEMPT)),
                 reraise=True,
             ):
                 with attempt:

@@ -56,6 +56,9 @@ _ERROR_CODES = {
 }
 
 
+_ANSWER_MARGIN = 0.2  # seconds kept back from a caller's deadline to send it our answer
+
+
 class RequestFailed(Exception):
     """A request failed with a gRPC status the servicer returns as is."""
 
@@ -66,8 +69,12 @@ class RequestFailed(Exception):
 
 
 def _remaining(context: Any, default: float = DEFAULT_TIMEOUT) -> float:
-    left = context.time_remaining() if context is not None else None
-    return min(default, left) if left is not None else default
+    """The time a request may wait here: the caller's deadline minus a margin, so that when we give up the
+    caller still receives our reason ("no leader") rather than its own bare DEADLINE_EXCEEDED."""
+    left: float | None = context.time_remaining() if context is not None else None
+    if left is None:
+        return default
+    return min(default, left - min(_ANSWER_MARGIN, left * 0.1))
 
 
 class Coordinator:
