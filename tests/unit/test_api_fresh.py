@@ -137,8 +137,13 @@ UNARY = (False, False)
 
 def test_node_service_methods() -> None:
     service = node_pb2.DESCRIPTOR.services_by_name["NodeService"]
-    assert _shapes(service) == {"Register": UNARY, "WatchConfig": (False, True), "ReportStatus": UNARY}
-    for name in ("Register", "WatchConfig", "ReportStatus"):
+    assert _shapes(service) == {
+        "GetServerInfo": UNARY,
+        "Register": UNARY,
+        "WatchConfig": (False, True),
+        "ReportStatus": UNARY,
+    }
+    for name in ("GetServerInfo", "Register", "WatchConfig", "ReportStatus"):
         assert hasattr(node_pb2_grpc.NodeServiceServicer, name)
     assert callable(node_pb2_grpc.add_NodeServiceServicer_to_server)
 
@@ -190,6 +195,7 @@ def test_raft_service_methods() -> None:
         "Propose": UNARY,
         "ReadIndex": UNARY,
         "Send": UNARY,
+        "Stream": (True, False),
     }
     assert hasattr(raft_pb2_grpc, "RaftStub")
     assert callable(raft_pb2_grpc.add_RaftServicer_to_server)

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelmesh/v1/common.proto\x12\rtunnelmesh.v1\x1a google/protobuf/descriptor.proto\"x\n\tCandidate\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.tunnelmesh.v1.CandidateType\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\x12\x1c\n\x14relay_coordinator_id\x18\x04 \x01(\t\"\x81\x01\n\x0f\x43oordinatorInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x19\n\x11relay_udp_address\x18\x04 \x01(\t\x12\x14\n\x0crelay_ws_url\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_READ_ONLY\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\x80\x01\n\rCandidateType\x12\x1e\n\x1a\x43\x41NDIDATE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41NDIDATE_TYPE_HOST\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_TYPE_REFLEXIVE\x10\x02\x12\x18\n\x14\x43\x41NDIDATE_TYPE_RELAY\x10\x03*\x80\x01\n\x08PathType\x12\x19\n\x15PATH_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePATH_TYPE_NONE\x10\x01\x12\x14\n\x10PATH_TYPE_DIRECT\x10\x02\x12\x17\n\x13PATH_TYPE_RELAY_UDP\x10\x03\x12\x16\n\x12PATH_TYPE_RELAY_WS\x10\x04:L\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\xb8\x8e\x03 \x01(\x0e\x32\x13.tunnelmesh.v1.Roleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelmesh/v1/common.proto\x12\rtunnelmesh.v1\x1a google/protobuf/descriptor.proto\"x\n\tCandidate\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.tunnelmesh.v1.CandidateType\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\x12\x1c\n\x14relay_coordinator_id\x18\x04 \x01(\t\"\x9b\x01\n\x0f\x43oordinatorInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x61pi_address\x18\x03 \x01(\t\x12\x19\n\x11relay_udp_address\x18\x04 \x01(\t\x12\x14\n\x0crelay_ws_url\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x18\n\x10relay_public_key\x18\x07 \x01(\x0c*S\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROLE_READ_ONLY\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\x80\x01\n\rCandidateType\x12\x1e\n\x1a\x43\x41NDIDATE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41NDIDATE_TYPE_HOST\x10\x01\x12\x1c\n\x18\x43\x41NDIDATE_TYPE_REFLEXIVE\x10\x02\x12\x18\n\x14\x43\x41NDIDATE_TYPE_RELAY\x10\x03*\x80\x01\n\x08PathType\x12\x19\n\x15PATH_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePATH_TYPE_NONE\x10\x01\x12\x14\n\x10PATH_TYPE_DIRECT\x10\x02\x12\x17\n\x13PATH_TYPE_RELAY_UDP\x10\x03\x12\x16\n\x12PATH_TYPE_RELAY_WS\x10\x04:L\n\rrequired_role\x12\x1e.google.protobuf.MethodOptions\x18\xb8\x8e\x03 \x01(\x0e\x32\x13.tunnelmesh.v1.Roleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunnelmesh.api.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=333
-  _globals['_ROLE']._serialized_end=416
-  _globals['_CANDIDATETYPE']._serialized_start=419
-  _globals['_CANDIDATETYPE']._serialized_end=547
-  _globals['_PATHTYPE']._serialized_start=550
-  _globals['_PATHTYPE']._serialized_end=678
+  _globals['_ROLE']._serialized_start=359
+  _globals['_ROLE']._serialized_end=442
+  _globals['_CANDIDATETYPE']._serialized_start=445
+  _globals['_CANDIDATETYPE']._serialized_end=573
+  _globals['_PATHTYPE']._serialized_start=576
+  _globals['_PATHTYPE']._serialized_end=704
   _globals['_CANDIDATE']._serialized_start=79
   _globals['_CANDIDATE']._serialized_end=199
   _globals['_COORDINATORINFO']._serialized_start=202
-  _globals['_COORDINATORINFO']._serialized_end=331
+  _globals['_COORDINATORINFO']._serialized_end=357
 # @@protoc_insertion_point(module_scope)

@@ -167,6 +167,7 @@ class CoordinatorInfo(_message.Message):
     RELAY_UDP_ADDRESS_FIELD_NUMBER: _builtins.int
     RELAY_WS_URL_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    RELAY_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Coordinator id (Raft member id as 16 lowercase hex digits)."""
     name: _builtins.str
@@ -176,9 +177,13 @@ class CoordinatorInfo(_message.Message):
     relay_udp_address: _builtins.str
     """UDP address of the endpoint reflector and blind relay, "host:port". Empty if disabled."""
     relay_ws_url: _builtins.str
-    """WebSocket relay URL ("wss://host:port/relay"). Empty if disabled."""
+    """WebSocket relay URL ("ws://host:port/relay"). Empty if disabled."""
     region: _builtins.str
     """Free-form region label from the coordinator's config (e.g. "eu-west"); used to prefer nearby relays."""
+    relay_public_key: _builtins.bytes
+    """The coordinator's relay key (X25519, 32 bytes; file <data-dir>/relay.key): nodes seal their
+    RELAY_HELLO to it (see docs/nat-traversal.md, "Relays"). Empty if the relay is disabled.
+    """
     def __init__(
         self,
         *,
@@ -188,10 +193,11 @@ class CoordinatorInfo(_message.Message):
         relay_udp_address: _builtins.str = ...,
         relay_ws_url: _builtins.str = ...,
         region: _builtins.str = ...,
+        relay_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "id", b"id", "name", b"name", "region", b"region", "relay_udp_address", b"relay_udp_address", "relay_ws_url", b"relay_ws_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "id", b"id", "name", b"name", "region", b"region", "relay_public_key", b"relay_public_key", "relay_udp_address", b"relay_udp_address", "relay_ws_url", b"relay_ws_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

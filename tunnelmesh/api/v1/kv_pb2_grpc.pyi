@@ -14,7 +14,8 @@ Errors: UNAVAILABLE when no leader is known or the cluster has no quorum (retry 
 coordinator), DEADLINE_EXCEEDED when the write was not applied in time (retry with the same request_id),
 INVALID_ARGUMENT for a key over 256 bytes or a value over 64 KiB.
 
-Authentication: none yet (API tokens on this service come with the admin API's auth interceptor).
+Authentication: as AdminService, an API token (`authorization: Bearer tma_...`) with at least the role named
+in each method's `required_role` option: operator to write, read-only to read.
 """
 
 from collections import abc as _abc

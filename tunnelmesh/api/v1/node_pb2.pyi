@@ -7,7 +7,9 @@ Every coordinator serves NodeService from its applied Raft state; writes (Regist
 ReportStatus) are forwarded to the Raft leader by the coordinator, so a node may talk to any coordinator.
 
 Authentication:
-  * Register is authenticated by the join token in the request (no metadata needed).
+  * GetServerInfo is open (no credential): it says which coordinator answers and the key a node proves to.
+  * Register is authenticated by the join token in the request (no metadata needed) plus a proof that the
+    caller holds the private key of the public key it registers (RegisterRequest.key_proof).
   * WatchConfig and ReportStatus need the node credential returned by Register, either as a TLS client
     certificate (when Register was given a CSR) or as metadata `authorization: Bearer <node_token>`.
     A node may only watch and report for its own node id (PERMISSION_DENIED otherwise).
@@ -116,6 +118,8 @@ class RegisterRequest(_message.Message):
     CSR_DER_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
+    KEY_PROOF_FIELD_NUMBER: _builtins.int
+    COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
     """The join token secret exactly as printed by `tunnelmesh up` / AdminService.CreateJoinToken ("tmj_...")."""
     public_key: _builtins.bytes
@@ -133,8 +137,23 @@ class RegisterRequest(_message.Message):
     agent_version: _builtins.str
     """Agent version string ("0.1.0"), for status and compatibility checks."""
     platform: _builtins.str
-    """Operating system and architecture ("linux/amd64"), for display only.
-    Next free field number: 9.
+    """Operating system and architecture ("linux/amd64"), for display only."""
+    key_proof: _builtins.bytes
+    """Proof that the caller holds the private key of `public_key` (a public key is public: without it, anyone
+    holding the same reusable join token could re-register another node's key and take its node token).
+    X25519 keys cannot sign, so the proof is a NaCl Box from the node key to the coordinator's relay key
+    (CoordinatorInfo.relay_public_key, from GetServerInfo), 80 bytes:
+      nonce (24 random bytes) || Box(node_private, coordinator_relay_public).encrypt(
+          u64 big-endian unix-ns timestamp ||
+          SHA-256("tunnelmesh-register-v1" || public_key || join_token_id || coordinator_id), nonce).ciphertext
+    where join_token_id is the id part of `join_token` and coordinator_id is field 10, both as UTF-8.
+    Accepted within +-300 s of the coordinator's clock. Required: a request without it is refused
+    (INVALID_ARGUMENT). Made by tunnelmesh.keyproof.make; see docs/security.md, "Proof of key possession".
+    """
+    coordinator_id: _builtins.str
+    """The id of the coordinator the key_proof is made for (GetServerInfoResponse.coordinator.id). Must be the
+    coordinator receiving the request: a proof for another one is refused with FAILED_PRECONDITION.
+    Next free field number: 11.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -151,10 +170,12 @@ class RegisterRequest(_message.Message):
         csr_der: _builtins.bytes = ...,
         agent_version: _builtins.str = ...,
         platform: _builtins.str = ...,
+        key_proof: _builtins.bytes = ...,
+        coordinator_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "csr_der", b"csr_der", "hostname", b"hostname", "join_token", b"join_token", "name", b"name", "platform", b"platform", "public_key", b"public_key", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "coordinator_id", b"coordinator_id", "csr_der", b"csr_der", "hostname", b"hostname", "join_token", b"join_token", "key_proof", b"key_proof", "name", b"name", "platform", b"platform", "public_key", b"public_key", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,6 +242,64 @@ class RegisterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterResponse: _TypeAlias = RegisterResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------
+    GetServerInfo
+
+    Next free field number: 1.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    MESH_ID_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
+    mesh_id: _builtins.str
+    """The mesh id (as in RegisterResponse.mesh_id); empty while the mesh is not initialized."""
+    @_builtins.property
+    def coordinator(self) -> _common_pb2.CoordinatorInfo:
+        """The coordinator answering: id, name, API address, relay addresses and relay_public_key (the key a
+        RegisterRequest.key_proof is sealed to).
+        """
+
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The coordinator's wall clock. An agent timestamps its key_proof with it, so that a node whose clock is
+        off by more than the proof window can still register.
+        Next free field number: 4.
+        """
+
+    def __init__(
+        self,
+        *,
+        coordinator: _common_pb2.CoordinatorInfo | None = ...,
+        mesh_id: _builtins.str = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "server_time", b"server_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "mesh_id", b"mesh_id", "server_time", b"server_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
 
 @_typing.final
 class WatchConfigRequest(_message.Message):
@@ -562,7 +641,10 @@ class Peer(_message.Message):
     public_key: _builtins.bytes
     """The peer's X25519 public key, 32 bytes."""
     online: _builtins.bool
-    """Whether the peer's agent is currently connected to some coordinator (a hint, not a guarantee).
+    """Not set by coordinators (always false): liveness is not part of the config, because each liveness round
+    would otherwise resend the peers it names to every watcher. Whether a peer answers is what the node's own
+    WireGuard handshakes and path probes tell it; operators read NodeRecord online/last_seen through
+    AdminService (`tunnelmesh nodes list`). Kept for wire compatibility.
     Next free field number: 10.
     """
     @_builtins.property

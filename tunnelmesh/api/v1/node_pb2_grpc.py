@@ -36,6 +36,11 @@ class NodeServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetServerInfo = channel.unary_unary(
+                '/tunnelmesh.v1.NodeService/GetServerInfo',
+                request_serializer=tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
         self.Register = channel.unary_unary(
                 '/tunnelmesh.v1.NodeService/Register',
                 request_serializer=tunnelmesh_dot_v1_dot_node__pb2.RegisterRequest.SerializeToString,
@@ -58,6 +63,15 @@ class NodeServiceServicer:
     Served by every coordinator; authentication is described at the top of this file.
     """
 
+    def GetServerInfo(self, request, context):
+        """Describes the coordinator that answers: its CoordinatorInfo (id and relay_public_key are what a
+        RegisterRequest.key_proof is made for) and the mesh id. Open (no credential), read-only, cheap: an agent
+        calls it right before Register, on the same connection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Register(self, request, context):
         """Joins the mesh with a join token and the node's X25519 public key; returns the node's identity, mesh
         addresses and the credentials for the other methods. The coordinator never sees a node private key.
@@ -65,8 +79,11 @@ class NodeServiceServicer:
         Idempotent per public key: a retry (same join token, same key, e.g. after a lost response) returns the
         existing node (same id and addresses, a fresh node_token), even though the retry finds a single-use token
         already consumed by that very registration, and it does not consume another use.
-        Errors: UNAUTHENTICATED (unknown, expired, revoked or used-up join token), INVALID_ARGUMENT (bad key length,
-        bad name, bad CSR), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
+        Errors: ALREADY_EXISTS (the key is registered already, with another join token: a public key is public,
+        so only the token that registered a node can re-register it),
+        UNAUTHENTICATED (unknown, expired, revoked or used-up join token; or a key_proof that does not verify:
+        forged, made with another private key, stale or bound to other fields), INVALID_ARGUMENT (bad key length,
+        bad name, bad CSR, no key_proof), FAILED_PRECONDITION (key_proof made for another coordinator), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
         free mesh address), UNAVAILABLE (no Raft leader; retry, possibly on another coordinator).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,6 +111,11 @@ class NodeServiceServicer:
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoResponse.SerializeToString,
+            ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=tunnelmesh_dot_v1_dot_node__pb2.RegisterRequest.FromString,
@@ -121,6 +143,33 @@ class NodeService:
     """Node-facing API: Register with a join token, then WatchConfig (server stream) and periodic ReportStatus.
     Served by every coordinator; authentication is described at the top of this file.
     """
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelmesh.v1.NodeService/GetServerInfo',
+            tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoRequest.SerializeToString,
+            tunnelmesh_dot_v1_dot_node__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Register(request,

@@ -7,7 +7,9 @@ Every coordinator serves NodeService from its applied Raft state; writes (Regist
 ReportStatus) are forwarded to the Raft leader by the coordinator, so a node may talk to any coordinator.
 
 Authentication:
-  * Register is authenticated by the join token in the request (no metadata needed).
+  * GetServerInfo is open (no credential): it says which coordinator answers and the key a node proves to.
+  * Register is authenticated by the join token in the request (no metadata needed) plus a proof that the
+    caller holds the private key of the public key it registers (RegisterRequest.key_proof).
   * WatchConfig and ReportStatus need the node credential returned by Register, either as a TLS client
     certificate (when Register was given a CSR) or as metadata `authorization: Bearer <node_token>`.
     A node may only watch and report for its own node id (PERMISSION_DENIED otherwise).
@@ -45,6 +47,11 @@ class NodeServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeServiceAsyncStub: ...
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetServerInfoRequest, _node_pb2.GetServerInfoResponse]
+    """Describes the coordinator that answers: its CoordinatorInfo (id and relay_public_key are what a
+    RegisterRequest.key_proof is made for) and the mesh id. Open (no credential), read-only, cheap: an agent
+    calls it right before Register, on the same connection.
+    """
     Register: _grpc.UnaryUnaryMultiCallable[_node_pb2.RegisterRequest, _node_pb2.RegisterResponse]
     """Joins the mesh with a join token and the node's X25519 public key; returns the node's identity, mesh
     addresses and the credentials for the other methods. The coordinator never sees a node private key.
@@ -52,8 +59,11 @@ class NodeServiceStub:
     Idempotent per public key: a retry (same join token, same key, e.g. after a lost response) returns the
     existing node (same id and addresses, a fresh node_token), even though the retry finds a single-use token
     already consumed by that very registration, and it does not consume another use.
-    Errors: UNAUTHENTICATED (unknown, expired, revoked or used-up join token), INVALID_ARGUMENT (bad key length,
-    bad name, bad CSR), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
+    Errors: ALREADY_EXISTS (the key is registered already, with another join token: a public key is public,
+    so only the token that registered a node can re-register it),
+    UNAUTHENTICATED (unknown, expired, revoked or used-up join token; or a key_proof that does not verify:
+    forged, made with another private key, stale or bound to other fields), INVALID_ARGUMENT (bad key length,
+    bad name, bad CSR, no key_proof), FAILED_PRECONDITION (key_proof made for another coordinator), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
     free mesh address), UNAVAILABLE (no Raft leader; retry, possibly on another coordinator).
     """
     WatchConfig: _grpc.UnaryStreamMultiCallable[_node_pb2.WatchConfigRequest, _node_pb2.WatchConfigResponse]
@@ -74,6 +84,11 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_node_pb2.GetServerInfoRequest, _node_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """Describes the coordinator that answers: its CoordinatorInfo (id and relay_public_key are what a
+    RegisterRequest.key_proof is made for) and the mesh id. Open (no credential), read-only, cheap: an agent
+    calls it right before Register, on the same connection.
+    """
     Register: _aio.UnaryUnaryMultiCallable[_node_pb2.RegisterRequest, _node_pb2.RegisterResponse]  # type: ignore[assignment]
     """Joins the mesh with a join token and the node's X25519 public key; returns the node's identity, mesh
     addresses and the credentials for the other methods. The coordinator never sees a node private key.
@@ -81,8 +96,11 @@ class NodeServiceAsyncStub(NodeServiceStub):
     Idempotent per public key: a retry (same join token, same key, e.g. after a lost response) returns the
     existing node (same id and addresses, a fresh node_token), even though the retry finds a single-use token
     already consumed by that very registration, and it does not consume another use.
-    Errors: UNAUTHENTICATED (unknown, expired, revoked or used-up join token), INVALID_ARGUMENT (bad key length,
-    bad name, bad CSR), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
+    Errors: ALREADY_EXISTS (the key is registered already, with another join token: a public key is public,
+    so only the token that registered a node can re-register it),
+    UNAUTHENTICATED (unknown, expired, revoked or used-up join token; or a key_proof that does not verify:
+    forged, made with another private key, stale or bound to other fields), INVALID_ARGUMENT (bad key length,
+    bad name, bad CSR, no key_proof), FAILED_PRECONDITION (key_proof made for another coordinator), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
     free mesh address), UNAVAILABLE (no Raft leader; retry, possibly on another coordinator).
     """
     WatchConfig: _aio.UnaryStreamMultiCallable[_node_pb2.WatchConfigRequest, _node_pb2.WatchConfigResponse]  # type: ignore[assignment]
@@ -102,6 +120,17 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """
 
     @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _node_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GetServerInfoResponse, _abc.Awaitable[_node_pb2.GetServerInfoResponse]]:
+        """Describes the coordinator that answers: its CoordinatorInfo (id and relay_public_key are what a
+        RegisterRequest.key_proof is made for) and the mesh id. Open (no credential), read-only, cheap: an agent
+        calls it right before Register, on the same connection.
+        """
+
+    @_abc_1.abstractmethod
     def Register(
         self,
         request: _node_pb2.RegisterRequest,
@@ -113,8 +142,11 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         Idempotent per public key: a retry (same join token, same key, e.g. after a lost response) returns the
         existing node (same id and addresses, a fresh node_token), even though the retry finds a single-use token
         already consumed by that very registration, and it does not consume another use.
-        Errors: UNAUTHENTICATED (unknown, expired, revoked or used-up join token), INVALID_ARGUMENT (bad key length,
-        bad name, bad CSR), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
+        Errors: ALREADY_EXISTS (the key is registered already, with another join token: a public key is public,
+        so only the token that registered a node can re-register it),
+        UNAUTHENTICATED (unknown, expired, revoked or used-up join token; or a key_proof that does not verify:
+        forged, made with another private key, stale or bound to other fields), INVALID_ARGUMENT (bad key length,
+        bad name, bad CSR, no key_proof), FAILED_PRECONDITION (key_proof made for another coordinator), PERMISSION_DENIED (requested tags not granted by the token), RESOURCE_EXHAUSTED (no
         free mesh address), UNAVAILABLE (no Raft leader; retry, possibly on another coordinator).
         """
 

@@ -52,6 +52,8 @@ class _CommandErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Comm
     """Out of addresses or another finite resource (RESOURCE_EXHAUSTED)."""
     COMMAND_ERROR_CODE_UNAUTHENTICATED: _CommandErrorCode.ValueType  # 6
     """Credential not accepted: unknown, revoked or expired join token (UNAUTHENTICATED)."""
+    COMMAND_ERROR_CODE_PERMISSION_DENIED: _CommandErrorCode.ValueType  # 7
+    """The credential is valid but does not allow this: tags not granted by the join token (PERMISSION_DENIED)."""
 
 class CommandErrorCode(_CommandErrorCode, metaclass=_CommandErrorCodeEnumTypeWrapper):
     """Why a command was rejected; each maps to the gRPC status the proposer returns."""
@@ -70,6 +72,8 @@ COMMAND_ERROR_CODE_RESOURCE_EXHAUSTED: CommandErrorCode.ValueType  # 5
 """Out of addresses or another finite resource (RESOURCE_EXHAUSTED)."""
 COMMAND_ERROR_CODE_UNAUTHENTICATED: CommandErrorCode.ValueType  # 6
 """Credential not accepted: unknown, revoked or expired join token (UNAUTHENTICATED)."""
+COMMAND_ERROR_CODE_PERMISSION_DENIED: CommandErrorCode.ValueType  # 7
+"""The credential is valid but does not allow this: tags not granted by the join token (PERMISSION_DENIED)."""
 Global___CommandErrorCode: _TypeAlias = CommandErrorCode  # noqa: Y015
 
 @_typing.final
@@ -785,10 +789,15 @@ class StateSnapshot(_message.Message):
     QUARANTINED_ADDRESSES_FIELD_NUMBER: _builtins.int
     APPLIED_REQUESTS_FIELD_NUMBER: _builtins.int
     KV_FIELD_NUMBER: _builtins.int
+    CONFIG_VERSION_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     """Layout version of this message, starting at 1. Bumped only if an incompatible reinterpretation is needed."""
     applied_index: _builtins.int
     """Raft index of the last command applied into this state."""
+    config_version: _builtins.int
+    """Config version (WatchConfig): Raft index of the last applied entry that changed what nodes see; 0 before
+    InitializeMesh. At most applied_index and at least every node's modified_index.
+    """
     @_builtins.property
     def now(self) -> _timestamp_pb2.Timestamp:
         """Latest Command.proposed_at applied: the state's notion of "now"."""
@@ -834,10 +843,11 @@ class StateSnapshot(_message.Message):
         quarantined_addresses: _abc.Iterable[Global___QuarantinedAddress] | None = ...,
         applied_requests: _abc.Iterable[Global___AppliedRequest] | None = ...,
         kv: _abc.Iterable[Global___KvEntry] | None = ...,
+        config_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_tokens", b"api_tokens", "applied_index", b"applied_index", "applied_requests", b"applied_requests", "format_version", b"format_version", "join_tokens", b"join_tokens", "kv", b"kv", "nodes", b"nodes", "now", b"now", "quarantined_addresses", b"quarantined_addresses", "settings", b"settings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_tokens", b"api_tokens", "applied_index", b"applied_index", "applied_requests", b"applied_requests", "config_version", b"config_version", "format_version", b"format_version", "join_tokens", b"join_tokens", "kv", b"kv", "nodes", b"nodes", "now", b"now", "quarantined_addresses", b"quarantined_addresses", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -574,6 +574,9 @@ class Member(_message.Message):
     RAFT_ADDRESS_FIELD_NUMBER: _builtins.int
     API_ADDRESS_FIELD_NUMBER: _builtins.int
     STORAGE_ID_FIELD_NUMBER: _builtins.int
+    RELAY_UDP_ADDRESS_FIELD_NUMBER: _builtins.int
+    RELAY_WS_URL_FIELD_NUMBER: _builtins.int
+    RELAY_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.int
     """Member id (see the file comment)."""
     name: _builtins.str
@@ -586,6 +589,12 @@ class Member(_message.Message):
     """Random id of the member's data directory (new after a wipe). A member id is bound to the storage id it
     joined with: a wiped coordinator cannot rejoin under its old id (and vote a second time in a term).
     """
+    relay_udp_address: _builtins.str
+    """UDP endpoint reflector and blind relay, "host:port" (advertised host). Empty if disabled."""
+    relay_ws_url: _builtins.str
+    """WebSocket relay URL, "ws://host:port/relay" (advertised host). Empty if disabled."""
+    relay_public_key: _builtins.bytes
+    """The member's relay key (X25519, 32 bytes; <data-dir>/relay.key)."""
     def __init__(
         self,
         *,
@@ -594,10 +603,13 @@ class Member(_message.Message):
         raft_address: _builtins.str = ...,
         api_address: _builtins.str = ...,
         storage_id: _builtins.str = ...,
+        relay_udp_address: _builtins.str = ...,
+        relay_ws_url: _builtins.str = ...,
+        relay_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "member_id", b"member_id", "name", b"name", "raft_address", b"raft_address", "storage_id", b"storage_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_address", b"api_address", "member_id", b"member_id", "name", b"name", "raft_address", b"raft_address", "relay_public_key", b"relay_public_key", "relay_udp_address", b"relay_udp_address", "relay_ws_url", b"relay_ws_url", "storage_id", b"storage_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -918,7 +930,9 @@ class MessageBatch(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___RaftHeader:
-        """Cluster, sender and recipient (see RaftHeader); applies to every message of the batch."""
+        """Cluster, sender and recipient (see RaftHeader); applies to every message of the batch. On a Stream only
+        the first batch must carry it; later batches leave it unset or repeat it exactly.
+        """
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___RaftEnvelope]:
@@ -940,7 +954,7 @@ Global___MessageBatch: _TypeAlias = MessageBatch  # noqa: Y015
 
 @_typing.final
 class SendResponse(_message.Message):
-    """Receipt of a batch (not an answer to its messages)."""
+    """Receipt of a batch, or of a whole Stream when the sender ends it (not an answer to its messages)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -75,6 +75,11 @@ class RaftStub:
                 request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
                 response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_unary(
+                '/tunnelmesh.raft.v1.Raft/Stream',
+                request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
+                response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
+                _registered_method=True)
 
 
 class RaftServicer:
@@ -132,12 +137,23 @@ class RaftServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Send(self, request, context):
-        """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
-        every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
-        sends everything queued since its previous call as one batch, in order; answers travel back the same way
-        in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
-        request/response view of the same messages (for tools and debugging); coordinators answer them with
-        UNIMPLEMENTED and use Send.
+        """One-way delivery of a batch of core messages as one unary call. Coordinators use Stream; Send is kept for
+        peers that do not serve Stream yet (a rolling upgrade from a version without it: a sender whose Stream
+        call is answered UNIMPLEMENTED falls back to Send for that peer) and for tools. The response only
+        acknowledges receipt. The per-type RPCs above are the request/response view of the same messages (for
+        tools and debugging); coordinators answer them with UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stream(self, request_iterator, context):
+        """The peer transport (etcd's rafthttp "stream" model): one long-lived client stream per (sender,
+        recipient) pair carries every message except snapshots, as batches, in the order the sender's core
+        produced them. Answers travel back on the recipient's own stream to the sender, so no message costs a
+        call of its own. The first batch must carry the header; later batches leave it unset or repeat it
+        exactly (anything else ends the stream with FAILED_PRECONDITION). The response is sent only when the
+        sender ends the stream; a broken stream loses the batches in flight, which Raft retransmits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +199,11 @@ def add_RaftServicer_to_server(servicer, server):
             ),
             'Send': grpc.unary_unary_rpc_method_handler(
                     servicer.Send,
+                    request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.FromString,
+                    response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_unary_rpc_method_handler(
+                    servicer.Stream,
                     request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.FromString,
                     response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.SerializeToString,
             ),
@@ -402,6 +423,33 @@ class Raft:
             request,
             target,
             '/tunnelmesh.raft.v1.Raft/Send',
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tunnelmesh.raft.v1.Raft/Stream',
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.MessageBatch.SerializeToString,
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.SendResponse.FromString,
             options,

@@ -68,12 +68,19 @@ class RaftStub:
     ReadIndex: _grpc.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
     Send: _grpc.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]
-    """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
-    every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
-    sends everything queued since its previous call as one batch, in order; answers travel back the same way
-    in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
-    request/response view of the same messages (for tools and debugging); coordinators answer them with
-    UNIMPLEMENTED and use Send.
+    """One-way delivery of a batch of core messages as one unary call. Coordinators use Stream; Send is kept for
+    peers that do not serve Stream yet (a rolling upgrade from a version without it: a sender whose Stream
+    call is answered UNIMPLEMENTED falls back to Send for that peer) and for tools. The response only
+    acknowledges receipt. The per-type RPCs above are the request/response view of the same messages (for
+    tools and debugging); coordinators answer them with UNIMPLEMENTED.
+    """
+    Stream: _grpc.StreamUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]
+    """The peer transport (etcd's rafthttp "stream" model): one long-lived client stream per (sender,
+    recipient) pair carries every message except snapshots, as batches, in the order the sender's core
+    produced them. Answers travel back on the recipient's own stream to the sender, so no message costs a
+    call of its own. The first batch must carry the header; later batches leave it unset or repeat it
+    exactly (anything else ends the stream with FAILED_PRECONDITION). The response is sent only when the
+    sender ends the stream; a broken stream loses the batches in flight, which Raft retransmits.
     """
 
 @_typing.type_check_only
@@ -98,12 +105,19 @@ class RaftAsyncStub(RaftStub):
     ReadIndex: _aio.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]  # type: ignore[assignment]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
     Send: _aio.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]  # type: ignore[assignment]
-    """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
-    every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
-    sends everything queued since its previous call as one batch, in order; answers travel back the same way
-    in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
-    request/response view of the same messages (for tools and debugging); coordinators answer them with
-    UNIMPLEMENTED and use Send.
+    """One-way delivery of a batch of core messages as one unary call. Coordinators use Stream; Send is kept for
+    peers that do not serve Stream yet (a rolling upgrade from a version without it: a sender whose Stream
+    call is answered UNIMPLEMENTED falls back to Send for that peer) and for tools. The response only
+    acknowledges receipt. The per-type RPCs above are the request/response view of the same messages (for
+    tools and debugging); coordinators answer them with UNIMPLEMENTED.
+    """
+    Stream: _aio.StreamUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]  # type: ignore[assignment]
+    """The peer transport (etcd's rafthttp "stream" model): one long-lived client stream per (sender,
+    recipient) pair carries every message except snapshots, as batches, in the order the sender's core
+    produced them. Answers travel back on the recipient's own stream to the sender, so no message costs a
+    call of its own. The first batch must carry the header; later batches leave it unset or repeat it
+    exactly (anything else ends the stream with FAILED_PRECONDITION). The response is sent only when the
+    sender ends the stream; a broken stream loses the batches in flight, which Raft retransmits.
     """
 
 class RaftServicer(metaclass=_abc_1.ABCMeta):
@@ -173,12 +187,25 @@ class RaftServicer(metaclass=_abc_1.ABCMeta):
         request: _raft_pb2.MessageBatch,
         context: _ServicerContext,
     ) -> _typing.Union[_raft_pb2.SendResponse, _abc.Awaitable[_raft_pb2.SendResponse]]:
-        """One-way delivery of a batch of core messages (etcd's rafthttp "stream" model): what coordinators use for
-        every message except snapshots. Each coordinator keeps one channel per peer and one sender per peer that
-        sends everything queued since its previous call as one batch, in order; answers travel back the same way
-        in the other direction. The response only acknowledges receipt. The per-type RPCs above are the
-        request/response view of the same messages (for tools and debugging); coordinators answer them with
-        UNIMPLEMENTED and use Send.
+        """One-way delivery of a batch of core messages as one unary call. Coordinators use Stream; Send is kept for
+        peers that do not serve Stream yet (a rolling upgrade from a version without it: a sender whose Stream
+        call is answered UNIMPLEMENTED falls back to Send for that peer) and for tools. The response only
+        acknowledges receipt. The per-type RPCs above are the request/response view of the same messages (for
+        tools and debugging); coordinators answer them with UNIMPLEMENTED.
+        """
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_raft_pb2.MessageBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_raft_pb2.SendResponse, _abc.Awaitable[_raft_pb2.SendResponse]]:
+        """The peer transport (etcd's rafthttp "stream" model): one long-lived client stream per (sender,
+        recipient) pair carries every message except snapshots, as batches, in the order the sender's core
+        produced them. Answers travel back on the recipient's own stream to the sender, so no message costs a
+        call of its own. The first batch must carry the header; later batches leave it unset or repeat it
+        exactly (anything else ends the stream with FAILED_PRECONDITION). The response is sent only when the
+        sender ends the stream; a broken stream loses the batches in flight, which Raft retransmits.
         """
 
 def add_RaftServicer_to_server(servicer: RaftServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
