@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,17 @@ import pytest
 from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2
 from tunnelmesh.api.v1 import state_pb2
-from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode_snapshot
+from tunnelmesh.coord.raft import driver as driver_mod
+from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, decode_snapshot, encode_snapshot
 from tunnelmesh.coord.raft.errors import NotLeader
-from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
+from tunnelmesh.coord.raft.messages import (
+    ConfState,
+    HardState,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
 from tunnelmesh.coord.raft.storage import SqliteStorage
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.state import MeshState, encode_command
@@ -139,6 +147,70 @@ async def test_members_that_lost_acknowledged_entries_do_not_vote_until_caught_u
             index, _ = await lead.propose(_put(b"a", b"b"), 5.0)
             await drivers[2].wait_applied(index, 5.0)
             assert not drivers[2].status().votes_disabled  # its commit index passed the truncation point
+            for t in tasks:
+                t.cancel()
+    finally:
+        for d in drivers:
+            d.storage.close()
+
+
+async def test_commit_notices_are_held_back_and_followers_still_apply(
+    cluster: list[Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold notices "forever": followers must learn every commit from later appends and heartbeats.
+    monkeypatch.setattr(driver_mod, "COMMIT_NOTICE_DELAY", 60.0)
+    lead = await _leader(cluster)
+    index, _ = await lead.propose(_put(b"w", b"0"), 5.0)
+    for d in cluster:
+        await d.wait_applied(index, 5.0)
+    sent: list[Message] = []
+    real_send = lead.transport.send
+
+    def spy(msgs: Iterable[Message]) -> None:
+        msgs = list(msgs)
+        sent.extend(msgs)
+        real_send(msgs)
+
+    monkeypatch.setattr(lead.transport, "send", spy)
+    for i in range(20):
+        index, _ = await lead.propose(_put(b"w", b"%d" % i), 5.0)
+    for d in cluster:
+        await d.wait_applied(index, 5.0)
+        assert d.state.kv_get(b"w").value == b"19"  # type: ignore[union-attr]
+    assert any(m.type == MessageType.APP and m.entries for m in sent)
+    # No append without entries went out: each write's commit notice was held, then superseded.
+    assert [m for m in sent if m.type == MessageType.APP and not m.entries] == []
+
+
+async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_their_index(
+    tmp_path: Path,
+) -> None:
+    drivers = _build(tmp_path)
+    for d in drivers:
+        d.opts.snapshot_entries, d.opts.catchup_entries = 20, 5
+        await d.start()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(d.run()) for d in drivers]
+            lead = await _leader(drivers)
+            index_of: dict[bytes, int] = {}
+            for i in range(70):
+                key = b"k%d" % i
+                index_of[key], _ = await lead.propose(_put(key, b"v"), 5.0)
+            deadline = time.monotonic() + 10
+            while not all(d.snapshot_index >= 40 for d in drivers):
+                assert time.monotonic() < deadline, [d.snapshot_index for d in drivers]
+                await asyncio.sleep(0.02)
+            for d in drivers:
+                snap = d.storage.snapshot()
+                reg, data = decode_snapshot(snap.data)
+                restored = MeshState.from_snapshot(data)
+                # The view was taken at the snapshot's index: every write up to it, none after it.
+                assert {k for k, _ in restored.kv_items()} == {
+                    k for k, ix in index_of.items() if ix <= snap.index
+                }
+                assert set(reg.members) == set(IDS)
+                assert d.storage.first_index() > 1  # the log was compacted behind the snapshot
             for t in tasks:
                 t.cancel()
     finally:

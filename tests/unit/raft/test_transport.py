@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
+from tunnelmesh.coord.raft import transport
 from tunnelmesh.coord.raft.core import CAMPAIGN_TRANSFER
 from tunnelmesh.coord.raft.messages import (
     LOCAL_MESSAGES,
@@ -29,6 +30,7 @@ from tunnelmesh.coord.raft.messages import (
     SnapshotStatus,
 )
 from tunnelmesh.coord.raft.transport import (
+    REFUSED,
     WIRE_TYPES,
     Transport,
     TransportError,
@@ -287,3 +289,137 @@ async def test_the_server_refuses_other_clusters_other_recipients_impostors_and_
     foreign = pki.create_ca("testc")  # same cluster id, different CA: refused in the TLS handshake
     assert await _call(port, _creds(foreign, "testc", 1), h()) == grpc.StatusCode.UNAVAILABLE
     assert b.got == []
+
+
+# -- the peer stream -----------------------------------------------------------------------------------------
+
+
+def _refused(reason: str) -> float:
+    return float(REFUSED.labels(reason)._value.get())
+
+
+async def _stream(
+    port: int, creds: pki.CoordinatorCredentials, batches: list[raft_pb2.MessageBatch]
+) -> grpc.StatusCode:
+    ch = grpc.aio.secure_channel(
+        f"127.0.0.1:{port}",
+        pki.channel_credentials(creds.trust_pem, creds.identity),
+        options=pki.coordinator_channel_options("testc"),
+    )
+
+    async def gen() -> AsyncIterator[raft_pb2.MessageBatch]:
+        for b in batches:
+            yield b
+
+    try:
+        await raft_pb2_grpc.RaftStub(ch).Stream(gen(), timeout=3)
+        return grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    finally:
+        await ch.close()
+
+
+async def test_the_stream_checks_its_first_header_and_refuses_a_changed_one(
+    pair: tuple[_Node, _Node],
+) -> None:
+    a, b = pair
+    port, good = b.t.bound_port, a.t.credentials
+    hdr = raft_pb2.RaftHeader(cluster_id="testc", from_id=1, to_id=2)
+    hb = message_to_envelope(Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=1))
+    hb2 = message_to_envelope(Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=2))
+    # Header on the first batch only, then repeated exactly: all delivered, in order.
+    ok = [
+        raft_pb2.MessageBatch(header=hdr, messages=[hb]),
+        raft_pb2.MessageBatch(messages=[hb2]),
+        raft_pb2.MessageBatch(header=hdr, messages=[hb]),
+    ]
+    assert await _stream(port, good, ok) == grpc.StatusCode.OK
+    assert [m.commit for m in b.got] == [1, 2, 1]
+    b.got.clear()
+
+    before = {r: _refused(r) for r in ("no_header", "header_changed", "other_cluster", "identity")}
+    no_header = [raft_pb2.MessageBatch(messages=[hb])]
+    assert await _stream(port, good, no_header) == grpc.StatusCode.FAILED_PRECONDITION
+    changed = [
+        raft_pb2.MessageBatch(header=hdr, messages=[hb]),
+        raft_pb2.MessageBatch(
+            header=raft_pb2.RaftHeader(cluster_id="testc", from_id=3, to_id=2), messages=[hb2]
+        ),
+    ]
+    assert await _stream(port, good, changed) == grpc.StatusCode.FAILED_PRECONDITION
+    other = raft_pb2.RaftHeader(cluster_id="other", from_id=1, to_id=2)
+    assert await _stream(port, good, [raft_pb2.MessageBatch(header=other, messages=[hb])]) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    impostor = raft_pb2.RaftHeader(cluster_id="testc", from_id=3, to_id=2)  # the certificate says member 1
+    assert await _stream(port, good, [raft_pb2.MessageBatch(header=impostor, messages=[hb])]) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    # Only the batch before the changed header got through; every refusal is counted by reason.
+    assert [m.commit for m in b.got] == [1]
+    for reason in before:
+        assert _refused(reason) == before[reason] + 1, reason
+
+
+async def test_the_stream_reconnects_after_the_peer_restarts(pair: tuple[_Node, _Node]) -> None:
+    a, b = pair
+    a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=1)])
+    await _until(lambda: len(b.got) == 1)
+    port = b.t.bound_port
+    await b.t.close()  # the peer goes away: a's open stream breaks
+    a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=2)])
+    await _until(lambda: 2 in a.unreachable)
+    ca_b = b.t.credentials
+    b2 = Transport(
+        cluster_id="testc",
+        member_id=2,
+        listen=f"127.0.0.1:{port}",
+        credentials=ca_b,
+        deliver=b.got.extend,
+        report_unreachable=b.unreachable.append,
+        report_snapshot=lambda p, s: None,
+    )
+    await b2.start()
+    try:
+        # Raft retransmits: keep sending until the new server has one (the sender backs off meanwhile).
+        async with asyncio.timeout(10):
+            while not any(m.commit == 3 for m in b.got):
+                a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=3)])
+                await asyncio.sleep(0.1)
+    finally:
+        await b2.close()
+
+
+async def test_a_peer_without_stream_gets_unary_sends(
+    pair: tuple[_Node, _Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b plays an older coordinator: its server answers Stream with UNIMPLEMENTED (the generated default).
+    a, b = pair
+    monkeypatch.setattr(transport._Servicer, "Stream", raft_pb2_grpc.RaftServicer.Stream)
+    port = b.t.bound_port
+    await b.t.close()
+    old = Transport(
+        cluster_id="testc",
+        member_id=2,
+        listen=f"127.0.0.1:{port}",
+        credentials=b.t.credentials,
+        deliver=b.got.extend,
+        report_unreachable=b.unreachable.append,
+        report_snapshot=lambda p, s: None,
+    )
+    await old.start()
+    try:
+        async with asyncio.timeout(10):
+            while not any(m.commit == 7 for m in b.got):
+                a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=7)])
+                await asyncio.sleep(0.1)
+        assert a.t._peers[2].legacy
+        # From now on every batch arrives by unary Send, in order.
+        b.got.clear()
+        msgs = [Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=i) for i in range(100, 150)]
+        a.t.send(msgs)
+        await _until(lambda: len(b.got) == 50)
+        assert b.got == msgs
+    finally:
+        await old.close()

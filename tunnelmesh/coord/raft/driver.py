@@ -11,13 +11,35 @@ This is the only part of ``coord/raft`` that touches time, threads and sockets (
    fsynced, run in a worker thread so the event loop keeps serving RPCs) and the state machine is restored
    from it;
 2. entries + hard state are durable before anything else happens;
-3. then messages are handed to the transport (which never blocks) -- except on a leader whose term and vote
-   are already durable, which sends first and persists in parallel (see ``_handle_ready`` for why that is
-   safe with this loop);
+3. then messages are handed to the transport (which never blocks) -- except on a leader, see below;
 4. committed entries are applied: NORMAL entries to ``MeshState.apply``, CONF_CHANGE entries to
    ``RawNode.apply_conf_change`` and to the member registry (addresses, storage ids);
 5. read states are released (readers wait until the state machine applied the read index);
 6. ``advance``.
+
+The leader's disk write in parallel with replication (Raft thesis §10.2.1)
+--------------------------------------------------------------------------
+
+The thesis allows the leader to send AppendEntries before its own log write is durable, provided it counts
+itself towards a commit quorum only for entries that *are* durable on its disk; followers must still persist
+before they acknowledge. Here a leader whose term and vote are already durable (a Ready that changes them
+is persisted first, as on any member) hands the Ready's appends to the transport *first*, then writes the
+entries with fsync in a worker thread (SQLite releases the GIL), and the loop awaits that write before it
+steps anything else. That is exact although the core counts the leader's own ``match`` as soon as it
+appends (``Raft._append_entries``): a commit index can only move when the loop steps a follower's
+``APP_RESP``, and the loop steps none until the save has returned, so every entry a quorum containing the
+leader is found to hold is on the leader's disk by then. Entries proposed during the save (``propose`` runs
+between ``ready`` and ``advance``) are only appended in memory; they are sent with the next Ready, so no
+acknowledgement for them can exist before their own save -- and on a single-member cluster, where the leader
+alone is a quorum, the Ready that carries them as committed persists them before step 4 applies them.
+Followers are unchanged: entries durable (step 2), then acknowledged (step 3). The gain is that the
+leader's fsync overlaps the follower's round trip (network, follower fsync, answer) instead of preceding it.
+
+A leader's Ready with nothing to persist (commit index moves, heartbeats) is applied before its messages are
+sent, so the writers waiting on those entries are answered first; and appends that carry no entries to a
+follower in REPLICATE state -- commit notices -- are held back for ``COMMIT_NOTICE_DELAY`` and dropped when a
+later append or heartbeat carries the commit index anyway (``_send``). Both only reorder or drop messages,
+which Raft tolerates on any network.
 
 Client work enters through coroutines that never block the loop: ``propose`` appends to the core directly
 (``RawNode.propose`` is allowed between ``ready`` and ``advance``) and waits for the entry with that index
@@ -25,8 +47,10 @@ Client work enters through coroutines that never block the loop: ``propose`` app
 ``ProposalDropped``); ``read_index`` batches every read queued during one loop turn into one ReadIndex round.
 Every wait has a deadline. ``NotLeader`` is raised to the caller, which forwards (``service.py``).
 
-Snapshots: every ``snapshot_entries`` applied entries the driver serializes the state machine and the member
-registry (``encode_snapshot``), records it with ``create_snapshot`` and compacts the log up to
+Snapshots: every ``snapshot_entries`` applied entries the driver takes a consistent copy of the state machine
+on the loop (``snapshot_view``: containers copied, immutable records shared), serializes it with the member
+registry (``encode_snapshot``) in a worker thread while the loop goes on applying, then, back on the loop,
+records it with ``create_snapshot`` and compacts the log up to
 ``snapshot index - catchup_entries`` (never past the snapshot). A restarted node restores the latest snapshot
 and the core re-delivers the committed entries after it.
 
@@ -37,6 +61,7 @@ it no longer has; until its commit index reaches that point again the node neith
 from __future__ import annotations
 
 import asyncio
+import copy
 import heapq
 import itertools
 import logging
@@ -64,12 +89,19 @@ from tunnelmesh.coord.raft.messages import (
     SnapshotStatus,
     StateType,
 )
+from tunnelmesh.coord.raft.progress import ProgressState
 from tunnelmesh.coord.raft.rawnode import RawNode
 from tunnelmesh.coord.raft.storage import SqliteStorage
 from tunnelmesh.coord.raft.transport import Transport, member_label
 from tunnelmesh.coord.state import MeshState
 
 log = logging.getLogger(__name__)
+
+COMMIT_NOTICE_DELAY = 0.02
+"""Seconds a leader holds back an append that only moves a follower's commit index: a later append or
+heartbeat usually carries it, and each message costs the leader's event loop a stream write and the answer's
+read. A follower applies at most this much later than without the delay (linearizable reads are not affected:
+their heartbeat round carries the commit index)."""
 
 _SNAP_MAGIC = b"TMS1"
 _U32 = struct.Struct(">I")
@@ -116,6 +148,33 @@ def decode_snapshot(data: bytes) -> tuple[Registry, bytes]:
         raise RaftError("snapshot data is not a TunnelMesh coordinator snapshot (bad magic)")
     (n,) = _U32.unpack_from(data, 4)
     return Registry.decode(data[8 : 8 + n]), data[8 + n :]
+
+
+# MeshState attributes snapshot() may share with the view: its own encoding cache (only snapshot() uses it,
+# and a cached encoding is reused only for the very record object it was made from).
+_VIEW_SHARED = frozenset({"_encoded"})
+
+
+def snapshot_view(state: MeshState) -> MeshState:
+    """A copy of ``state`` for ``snapshot()`` in another thread while the loop keeps applying to ``state``.
+
+    Records (nodes, tokens, KV entries, applied requests) are immutable and replaced on change, so a shallow
+    copy of every container is a consistent view; the address pools are mutable objects and are copied with
+    their quarantine. Costs a few dict copies on the loop thread instead of the whole encoding."""
+    view = copy.copy(state)
+    for name, value in vars(state).items():
+        if name in _VIEW_SHARED:
+            continue
+        if name == "_pools":
+            pools = []
+            for pool in value:
+                cp = copy.copy(pool)
+                cp.quarantine = dict(pool.quarantine)
+                pools.append(cp)
+            setattr(view, name, pools)
+        elif isinstance(value, dict | list | set):
+            setattr(view, name, value.copy())
+    return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +231,19 @@ class Driver:
         self.member_id = member_id
         self.opts = options or DriverOptions()
         self.registry = Registry()
+        # Raft index of the last applied change of the member registry (or of the snapshot it came from): the
+        # config version of the coordinator list nodes see.
+        self.members_index = 0
+        # Set (and replaced) after every batch of applied entries: config streams wait on it.
+        self._applied_changed = asyncio.Event()
         snap = storage.snapshot()
         applied = 0
         if not snap.is_empty():
             self._restore_snapshot(snap)
             applied = snap.index
+            self.members_index = snap.index
         self.applied = applied
+        self._notified_applied = applied
         self.snapshot_index = snap.index
         self.conf_state = snap.metadata.conf_state
         cfg = Config(
@@ -218,6 +284,9 @@ class Driver:
         self._lead = 0
         self._role = StateType.FOLLOWER
         self._stopping = False
+        self._snapshot_task: asyncio.Task[tuple[int, ConfState, bytes]] | None = None
+        self._held: dict[int, Message] = {}
+        self._held_timer: asyncio.TimerHandle | None = None
         self._sync_peers()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -234,6 +303,10 @@ class Driver:
                 tg.create_task(self._loop(), name="raft-loop")
         finally:
             self._stopping = True
+            if self._snapshot_task is not None:
+                self._snapshot_task.cancel()  # the encoding thread finishes on its own; nothing is recorded
+            if self._held_timer is not None:
+                self._held_timer.cancel()
             self._fail_all(RaftError("the coordinator is shutting down"))
             await self.transport.close()
 
@@ -304,30 +377,31 @@ class Driver:
     async def _handle_ready(self, rd: Ready) -> None:
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.lead, rd.soft_state.raft_state)
+        leader = self.node.raft.state == StateType.LEADER
+        durable = rd.snapshot is not None or bool(rd.entries) or rd.must_sync
         # A leader whose term and vote are already durable sends before persisting its own entries (Raft
-        # thesis §10.2.1: the leader's disk write runs in parallel with replication). This is safe *here*
-        # although the core counts the leader's unpersisted entries towards commitment: this loop steps no
-        # response before the save below has returned, so no entry can be found committed by a quorum that
-        # includes the leader before it is on the leader's disk. (Proposals stepped meanwhile only append.)
+        # thesis §10.2.1: the leader's disk write runs in parallel with replication); see the module
+        # docstring for why that is exact with this loop.
         early = (
-            rd.messages
-            and rd.snapshot is None
-            and self.node.raft.state == StateType.LEADER
-            and self._term_vote_durable(rd)
+            bool(rd.messages) and durable and rd.snapshot is None and leader and self._term_vote_durable(rd)
         )
+        # A leader's Ready with nothing to make durable carries commit notices and heartbeats only: apply
+        # first, so the writers waiting on these entries are answered before those messages cost the loop.
+        late = bool(rd.messages) and not durable and leader
         if early:
-            self.transport.send(rd.messages)
+            self._send(rd.messages)
         # 1 + 2: snapshot, entries and hard state in one fsynced transaction, off the event loop thread. A
         # Ready that only moves the commit index is written without fsync (a lost commit index is relearned
         # from the leader), inline: a thread hop would cost more than the write.
-        if rd.snapshot is not None or rd.entries or rd.must_sync:
+        if durable:
             await asyncio.to_thread(
                 self.storage.save, rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync
             )
-        elif rd.hard_state is not None:
+        elif rd.hard_state is not None and not late:
             self.storage.save(rd.hard_state, sync=False)
         if rd.snapshot is not None:
             self._restore_snapshot(rd.snapshot)
+            self.members_index = rd.snapshot.index
             self.applied = max(self.applied, rd.snapshot.index)
             self.snapshot_index = rd.snapshot.index
             self.conf_state = rd.snapshot.metadata.conf_state
@@ -337,18 +411,58 @@ class Driver:
         if rd.hard_state is not None and nv is not None and rd.hard_state.commit >= nv:
             log.info("event=raft_votes_enabled commit=%d", rd.hard_state.commit)
             self._no_vote_before = None
-        # 3: send.
-        if rd.messages and not early:
-            self.transport.send(rd.messages)
+        # 3: send (a follower acknowledges only what step 2 made durable).
+        if rd.messages and not early and not late:
+            self._send(rd.messages)
         # 4: apply.
         for e in rd.committed_entries:
             self._apply(e)
+        if late:
+            if rd.hard_state is not None:
+                self.storage.save(rd.hard_state, sync=False)
+            self._send(rd.messages)
         # 5: reads.
         for rs in rd.read_states:
             for fut in self._reads.pop(rs.request_ctx, ()):
                 if not fut.done():
                     fut.set_result(rs.index)
         self._release_applied_waiters()
+
+    def _send(self, msgs: Sequence[Message]) -> None:
+        """Hand messages to the transport, holding back a leader's commit notices (``COMMIT_NOTICE_DELAY``):
+        an append without entries to a follower in REPLICATE state only tells it the new commit index. It is
+        dropped if a later append or heartbeat to the same follower carries that commit anyway (under load,
+        or when the next write follows within the delay), else sent when the delay expires."""
+        held = self._held
+        prs = self.node.raft.prs.progress
+        out: list[Message] = []
+        for m in msgs:
+            if m.type == MessageType.APP:
+                if not m.entries:
+                    pr = prs.get(m.to)
+                    if pr is not None and pr.state == ProgressState.REPLICATE:
+                        held[m.to] = m
+                        continue
+                held.pop(m.to, None)  # every append carries the leader's commit index
+            elif m.type == MessageType.HEARTBEAT:
+                h = held.get(m.to)
+                if h is not None and m.commit >= h.commit:
+                    del held[m.to]
+            out.append(m)
+        if out:
+            self.transport.send(out)
+        if held and self._held_timer is None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(COMMIT_NOTICE_DELAY, self._flush_held)
+
+    def _flush_held(self) -> None:
+        self._held_timer = None
+        held, self._held = self._held, {}
+        r = self.node.raft
+        # A notice from an older term (this member stepped down meanwhile) would only be refused.
+        msgs = [m for m in held.values() if r.state == StateType.LEADER and m.term == r.term]
+        if msgs and not self._stopping:
+            self.transport.send(msgs)
 
     def _term_vote_durable(self, rd: Ready) -> bool:
         hs = rd.hard_state
@@ -378,6 +492,7 @@ class Driver:
             cc = ConfChange.decode(e.data)
             self.conf_state = self.node.apply_conf_change(cc)
             self._apply_member_change(cc)
+            self.members_index = e.index
         elif e.index > self.state.applied_index:
             result = self.state.apply(e.index, e.data)
         self.applied = e.index
@@ -429,11 +544,34 @@ class Driver:
         self.transport.set_peers(peers)
 
     async def _maybe_snapshot(self) -> None:
+        """Every ``snapshot_entries`` applied entries: copy the state on the loop (cheap: the records are
+        immutable, only the containers are copied), encode the copy in a worker thread while this loop goes
+        on stepping and applying, and record it on a later turn. Recording and compacting run here, awaited
+        by the loop, so they never overlap the loop's own storage writes."""
+        task = self._snapshot_task
+        if task is not None:
+            if not task.done():
+                return
+            self._snapshot_task = None
+            index, conf_state, data = task.result()
+            if index <= self.snapshot_index:
+                return  # a newer snapshot from the leader was installed meanwhile
+            await self._record_snapshot(index, conf_state, data)
+            return
         if self.applied - self.snapshot_index < self.opts.snapshot_entries:
             return
-        index = self.applied
-        data = encode_snapshot(self.registry, self.state.snapshot())
-        snap = await asyncio.to_thread(self.storage.create_snapshot, index, self.conf_state, data)
+        index, conf_state = self.applied, self.conf_state
+        registry = Registry(dict(self.registry.members), set(self.registry.removed))
+        view = snapshot_view(self.state)
+
+        def encode() -> tuple[int, ConfState, bytes]:
+            return index, conf_state, encode_snapshot(registry, view.snapshot())
+
+        self._snapshot_task = asyncio.create_task(asyncio.to_thread(encode), name="raft-snapshot-encode")
+        self._snapshot_task.add_done_callback(lambda _: self._wake.set())
+
+    async def _record_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> None:
+        snap = await asyncio.to_thread(self.storage.create_snapshot, index, conf_state, data)
         self.snapshot_index = snap.index
         compact_to = snap.index - self.opts.catchup_entries
         if compact_to > self.storage.first_index():
@@ -503,7 +641,17 @@ class Driver:
         except TimeoutError:
             raise DeadlineExceeded(f"index {index} not applied within {timeout:.1f}s") from None
 
+    @property
+    def applied_changed(self) -> asyncio.Event:
+        """An event set once entries beyond the current ``applied`` are applied (or a snapshot installed).
+        Take it *before* reading the state, then wait on it: one cheap waiter per config stream."""
+        return self._applied_changed
+
     def _release_applied_waiters(self) -> None:
+        if self.applied != self._notified_applied:
+            self._notified_applied = self.applied
+            event, self._applied_changed = self._applied_changed, asyncio.Event()
+            event.set()
         w = self._applied_waiters
         while w and w[0][0] <= self.applied:
             _, _, fut = heapq.heappop(w)
