@@ -39,13 +39,13 @@ Address allocation lives in ``tunnelmesh.coord.ipam``.
 Config versions (for WatchConfig): a node's config version is the Raft index of the last applied entry that
 changed what nodes see (``Peer``/``NodeSelf`` fields, the set of nodes, the mesh settings).
 ``Node.modified_index`` is the last index that changed one of the node's config-visible fields; display-only
-updates (``last_seen``, host name, agent version, node token) do not move it, so the minute-by-minute liveness
-batch does not make every watcher resend every peer. Each config-visible change is recorded in a bounded feed;
-``changes_since(v)`` merges the feed after ``v`` into one ``ChangeSet`` (a bisect plus the changes, memoized
-per ``v`` so a thousand watchers at the same version cost one merge), or returns None when ``v`` is older
-than the feed (send a full snapshot). The snapshot has no field for the config version yet, so a restored
-state derives it from the nodes' ``modified_index``: exact unless the last config change before the snapshot
-was a removal (or the initialization) - see the StateSnapshot field proposed in the issue notes.
+updates (``last_seen``, ``online``, host name, agent version, node token) do not move it, so the liveness
+batches (every 30 s per coordinator) never make every watcher resend the peers they name. Each config-visible
+change is recorded in a bounded feed; ``changes_since(v)`` merges the feed after ``v`` into one ``ChangeSet``
+(a bisect plus the changes, memoized per ``v`` so a thousand watchers at the same version cost one merge), or
+returns None when ``v`` is older than the feed (send a full snapshot). The config version itself is part of
+the snapshot (``StateSnapshot.config_version``), so a restored state keeps it exactly, even when the last
+config change before the snapshot was a removal.
 
 Time: a command's "now" is ``max(state.now, proposed_at)`` and only a successful command advances
 ``state.now``; token expiry, quarantine and request retention are all measured against it.
@@ -86,8 +86,10 @@ __all__ = [
     "SnapshotError",
     "StateError",
     "UnsupportedCommandError",
+    "candidate_error",
     "encode_command",
     "format_time",
+    "is_label",
     "ns_to_timestamp",
     "timestamp_to_ns",
 ]
@@ -140,6 +142,7 @@ _FAILED_PRECONDITION = state_pb2.COMMAND_ERROR_CODE_FAILED_PRECONDITION
 _INVALID_ARGUMENT = state_pb2.COMMAND_ERROR_CODE_INVALID_ARGUMENT
 _RESOURCE_EXHAUSTED = state_pb2.COMMAND_ERROR_CODE_RESOURCE_EXHAUSTED
 _UNAUTHENTICATED = state_pb2.COMMAND_ERROR_CODE_UNAUTHENTICATED
+_PERMISSION_DENIED = state_pb2.COMMAND_ERROR_CODE_PERMISSION_DENIED
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -432,6 +435,7 @@ class ConfigChange:
     upserted: frozenset[str] = frozenset()  # node ids added or changed
     removed: frozenset[str] = frozenset()  # node ids removed
     settings: bool = False  # mesh settings changed
+    freed_names: frozenset[str] = frozenset()  # node names given up (rename, removal): DNS records to delete
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +447,8 @@ class ChangeSet:
     upserted_node_ids: frozenset[str] = frozenset()
     removed_node_ids: frozenset[str] = frozenset()
     settings_changed: bool = False
+    # Node names given up in the range; some may be held again by now (by a node in upserted_node_ids).
+    removed_names: frozenset[str] = frozenset()
 
     @property
     def empty(self) -> bool:
@@ -452,7 +458,7 @@ class ChangeSet:
 class _Ctx:
     """What a handler knows about the command being applied, and the config-visible changes it made."""
 
-    __slots__ = ("actor", "index", "now", "removed", "settings_changed", "upserted")
+    __slots__ = ("actor", "freed_names", "index", "now", "removed", "settings_changed", "upserted")
 
     def __init__(self, index: int, now: int, actor: str) -> None:
         self.index = index
@@ -460,6 +466,7 @@ class _Ctx:
         self.actor = actor
         self.upserted: set[str] = set()
         self.removed: set[str] = set()
+        self.freed_names: set[str] = set()
         self.settings_changed = False
 
 
@@ -535,6 +542,23 @@ def _check_socket_address(address: str) -> None:
             _INVALID_ARGUMENT,
             f"endpoint {address!r} is not 'ip:port' (canonical IP, IPv6 in brackets, port 1-65535)",
         )
+
+
+def is_label(value: str) -> bool:
+    """Whether ``value`` is a valid node name (a lowercase DNS label), for the services' checks."""
+    return _LABEL_RE.fullmatch(value) is not None
+
+
+def candidate_error(candidate: common_pb2.Candidate) -> str | None:
+    """Why SetNodeEndpoints would reject ``candidate`` (None: it is fine), for the services' checks."""
+    if candidate.type not in _CANDIDATE_TYPES:
+        return f"endpoint {candidate.address!r} has no known candidate type"
+    try:
+        _check_socket_address(candidate.address)
+        _check_text(candidate.relay_coordinator_id, "relay_coordinator_id", MAX_ID_LENGTH)
+    except _Rejected as rejected:
+        return rejected.message
+    return None
 
 
 def _suffixed(base: str, n: int) -> str:
@@ -680,7 +704,13 @@ class MeshState:
             pool.expire(now)
         if ctx.upserted or ctx.removed or ctx.settings_changed:
             self._record_change(
-                ConfigChange(ctx.index, frozenset(ctx.upserted), frozenset(ctx.removed), ctx.settings_changed)
+                ConfigChange(
+                    ctx.index,
+                    frozenset(ctx.upserted),
+                    frozenset(ctx.removed),
+                    ctx.settings_changed,
+                    frozenset(ctx.freed_names),
+                )
             )
 
     def _record_change(self, change: ConfigChange) -> None:
@@ -722,14 +752,18 @@ class MeshState:
             return cached
         upserted: set[str] = set()
         removed: set[str] = set()
+        names: set[str] = set()
         settings = False
         for change in self._feed[bisect.bisect_right(self._feed_index, version) :]:
             upserted -= change.removed
             removed -= change.upserted
             upserted |= change.upserted
             removed |= change.removed
+            names |= change.freed_names
             settings = settings or change.settings
-        result = ChangeSet(version, current, frozenset(upserted), frozenset(removed), settings)
+        result = ChangeSet(
+            version, current, frozenset(upserted), frozenset(removed), settings, frozenset(names)
+        )
         if len(self._changes_cache) < 1024:
             self._changes_cache[version] = result
         return result
@@ -890,16 +924,18 @@ class MeshState:
 
         existing = self.node_by_public_key(cmd.public_key)
         if existing is not None:
-            # Idempotent per key: a retry with the same token is fine even if that token is now used up.
-            same_token = token.token_id == existing.join_token_id
-            reason = token.rejection(now)
-            if reason is not None and not (
-                same_token and token.revoked_at is None and token.expires_at > now
-            ):
-                raise _Rejected(_UNAUTHENTICATED, reason)
-            # -- commit: the node token changes; another token gives up one use.
-            if not same_token:
-                self._put_join_token(replace(token, uses=token.uses + 1))
+            # Idempotent per key: a retry with the same token is fine even if that token is now used up. A
+            # public key is public, so another token must not take over the node (and its node token): a node
+            # that lost its registration is removed by an admin and joins again.
+            if token.token_id != existing.join_token_id:
+                raise _Rejected(
+                    _ALREADY_EXISTS,
+                    f"this public key is already registered as node {existing.node_id} ({existing.name}) "
+                    "with another join token; remove that node first to register the key again",
+                )
+            if token.revoked_at is not None or token.expires_at <= now:
+                raise _Rejected(_UNAUTHENTICATED, token.rejection(now) or "join token is no longer valid")
+            # -- commit: the node token changes.
             if existing.node_token_hash != cmd.node_token_hash:
                 existing = replace(existing, node_token_hash=cmd.node_token_hash)
                 self._nodes[existing.node_id] = existing
@@ -913,9 +949,8 @@ class MeshState:
         if requested_tags:
             missing = set(requested_tags).difference(token.tags)
             if missing:
-                # No PERMISSION_DENIED code in CommandErrorCode; the proposer checks this first.
                 raise _Rejected(
-                    _INVALID_ARGUMENT,
+                    _PERMISSION_DENIED,
                     f"tags {sorted(missing)} are not granted by join token {token.token_id} "
                     f"(it grants {list(token.tags)})",
                 )
@@ -980,6 +1015,7 @@ class MeshState:
         del self._node_by_name[node.name]
         self._node_by_name[cmd.new_name] = node.node_id
         self._names_sorted = None
+        ctx.freed_names.add(node.name)
         self._update_node(node, ctx, name=cmd.new_name)
 
     def _remove_node(self, cmd: state_pb2.RemoveNode, ctx: _Ctx) -> None:
@@ -999,6 +1035,7 @@ class MeshState:
         self._names_sorted = None
         ctx.upserted.discard(node.node_id)
         ctx.removed.add(node.node_id)
+        ctx.freed_names.add(node.name)
 
     def _set_node_endpoints(self, cmd: state_pb2.SetNodeEndpoints, ctx: _Ctx) -> None:
         node = self._existing_node(cmd.node_id)
@@ -1035,10 +1072,10 @@ class MeshState:
                 continue
             if last_seen is None or (node.last_seen is not None and last_seen < node.last_seen):
                 last_seen = node.last_seen  # not reported, or older: liveness never goes backwards
-            if online != node.online:
-                self._update_node(node, ctx, last_seen=last_seen, online=online)
-            elif last_seen != node.last_seen:
-                self._nodes[node_id] = replace(node, last_seen=last_seen)
+            # Display-only, online included: as config, one liveness round marking a third of a 1,000-node
+            # mesh online resent those peers to every watcher (the storm bench/control saw).
+            if online != node.online or last_seen != node.last_seen:
+                self._nodes[node_id] = replace(node, last_seen=last_seen, online=online)
 
     def _create_join_token(self, cmd: state_pb2.CreateJoinToken, ctx: _Ctx) -> None:
         _check_id(cmd.token_id, "token_id")
@@ -1209,6 +1246,8 @@ class MeshState:
                 applied.encoded = _frame(9, _encode_applied(request_id, applied))
             parts.append(applied.encoded)
         parts += self._framed(10, self._kv, encoded.setdefault("kv", {}), _encode_kv)
+        if self._config_version:  # field 11 (varint) follows the lists, as protobuf orders fields by number
+            parts.append(_varint(11 << 3) + _varint(self._config_version))
         return b"".join(parts)
 
     @staticmethod
@@ -1322,9 +1361,13 @@ class MeshState:
             )
         for kv in snap.kv:
             self._kv[kv.key] = KvEntry(kv.value, kv.revision)
-        # The snapshot does not carry the config version (see the report / proto note); the nodes' modified
-        # indexes give it exactly unless the last config change before the snapshot was a removal or the init.
-        self._config_version = max((n.modified_index for n in self._nodes.values()), default=0)
+        newest = max((n.modified_index for n in self._nodes.values()), default=0)
+        if not newest <= snap.config_version <= snap.applied_index:
+            raise ValueError(
+                f"config_version {snap.config_version} is outside [{newest}, {snap.applied_index}] (the "
+                "newest node change and the applied index)"
+            )
+        self._config_version = snap.config_version
         self._feed_horizon = max(self._config_version, snap.applied_index)
 
 
