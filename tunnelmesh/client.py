@@ -1,28 +1,44 @@
-"""A minimal client of the coordinators' public gRPC API (KV and cluster admin), multi-endpoint.
+"""The client of the coordinators' public gRPC API (KV, cluster and mesh admin), multi-endpoint, over TLS.
+
+Connecting: every coordinator serves its public API over TLS with the chain "coordinator certificate + cluster
+CA". A client trusts exactly the cluster CA (``ca_pem``: ``ca.crt`` of a coordinator's data dir, or the CA a
+node pinned with its join token; never the system roots) and checks that the server is *a coordinator of that
+cluster*: coordinator certificates name the coordinator by identity (``coord.<cluster>.tunnelmesh.invalid``),
+not necessarily by the address dialled, so :func:`open_channel` overrides the TLS target name with
+``pki.coordinator_channel_options(<cluster id read from the CA>)``. Any other client must do the same (see
+docs/api.md). Admin and KV calls carry ``authorization: Bearer tma_...`` (``token``), attached to every call
+of the channel.
 
 Any coordinator serves every call (followers forward writes and linearizable reads to the leader), so the
 client does not need to find the leader; it needs to survive a coordinator that is down or has no leader.
 
 Retry policy (tenacity): a call that fails with UNAVAILABLE (coordinator down, no leader, election in
-progress) is retried on the next endpoint, with exponential backoff from 50 ms doubling to at most 1 s, until
-the call's overall ``deadline`` (default 10 s) is spent; no new attempt starts in its last 0.25 s, so a caller
-gets the server's reason (UNAVAILABLE "no leader") rather than a bare DEADLINE_EXCEEDED. Each attempt has its
-own deadline (the time left, at most ``attempt_timeout``). Writes carry a request id that stays the same
-across retries, so a retried write applies at most once. Other errors (INVALID_ARGUMENT, NOT_FOUND,
-FAILED_PRECONDITION, ...) are raised at once as ``ClientError``. The full client (auth tokens, node API,
-TLS) is built by a later issue.
+progress, TLS handshake refused) is retried on the next endpoint, with exponential backoff from 50 ms
+doubling to at most 1 s, until the call's overall ``deadline`` (default 10 s) is spent; no new attempt starts
+in its last 0.25 s, so a caller gets the server's reason (UNAVAILABLE "no leader") rather than a bare
+DEADLINE_EXCEEDED. Each attempt has its own deadline (the time left, at most ``attempt_timeout``). Writes
+carry a request id that stays the same across retries, so a retried write applies at most once. Other
+errors (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) are raised
+at once as ``ClientError``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from cryptography import x509
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from tunnelmesh import pki
 from tunnelmesh.api.v1 import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 from tunnelmesh.errors import TunnelMeshError
 
@@ -44,18 +60,68 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE
 
 
+def cluster_id_of(ca_pem: bytes) -> str | None:
+    """The cluster id a TunnelMesh CA certificate names (None for an operator-supplied CA)."""
+    try:
+        certs = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise TunnelMeshError(
+            "the CA file is not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+        ) from None
+    ids = {pki.ca_cluster_id(c) for c in certs}
+    return ids.pop() if len(ids) == 1 else None
+
+
+def _credentials_and_options(
+    ca_pem: bytes, token: str | None, options: Sequence[tuple[str, Any]]
+) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
+    creds = pki.channel_credentials(ca_pem)
+    if token:
+        # Adds "authorization: Bearer <token>" to every call on the channel (TLS channels only).
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    cluster_id = cluster_id_of(ca_pem)
+    # An operator-supplied CA names no cluster: its coordinators' certificates must then match the address.
+    names = pki.coordinator_channel_options(cluster_id) if cluster_id else []
+    return creds, [*names, *options]
+
+
+def open_channel(
+    address: str, *, ca_pem: bytes, token: str | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A TLS channel to a coordinator's public API: trusts only ``ca_pem``, accepts only a coordinator of the
+    CA's cluster, and sends ``token`` (``tma_...``/``tmn_...``) as ``authorization: Bearer`` on every call."""
+    creds, opts = _credentials_and_options(ca_pem, token, options)
+    return grpc.aio.secure_channel(address, creds, options=opts)
+
+
+def open_sync_channel(
+    address: str, *, ca_pem: bytes, token: str | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.Channel:
+    """:func:`open_channel` for blocking code."""
+    creds, opts = _credentials_and_options(ca_pem, token, options)
+    return grpc.secure_channel(address, creds, options=opts)
+
+
 class Client:
-    """``async with Client(["10.0.0.2:8443", ...]) as c: await c.put(b"k", b"v")``."""
+    """``async with Client(["10.0.0.2:8443", ...], ca_pem=ca, token=tok) as c: await c.put(b"k", b"v")``."""
 
     def __init__(
-        self, endpoints: Sequence[str], *, deadline: float = 10.0, attempt_timeout: float = 5.0
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca_pem: bytes,
+        token: str | None = None,
+        deadline: float = 10.0,
+        attempt_timeout: float = 5.0,
     ) -> None:
         if not endpoints:
             raise TunnelMeshError("client: give at least one coordinator address (host:port)")
         self.endpoints = list(endpoints)
+        self.ca_pem = ca_pem
+        self.token = token
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
-        self._channels = [grpc.aio.insecure_channel(e) for e in self.endpoints]
+        self._channels = [open_channel(e, ca_pem=ca_pem, token=token) for e in self.endpoints]
         self._next = 0
 
     async def __aenter__(self) -> Client:
@@ -157,7 +223,9 @@ class Client:
         status = await self.cluster_status()
         leader = next((m for m in status.members if m.is_leader), None)
         if leader is not None and leader.info.api_address and leader.info.api_address not in self.endpoints:
-            async with Client([leader.info.api_address], deadline=self.deadline) as c:
+            async with Client(
+                [leader.info.api_address], ca_pem=self.ca_pem, token=self.token, deadline=self.deadline
+            ) as c:
                 return await c._admin(method, req)
         if leader is not None and leader.info.api_address in self.endpoints:
             self._next = self.endpoints.index(leader.info.api_address)
@@ -172,3 +240,268 @@ class Client:
         req = admin_pb2.RemoveMemberRequest(request_id=uuid.uuid4().hex, member_id=member_id)
         r: admin_pb2.RemoveMemberResponse = await self._via_leader("RemoveMember", req)
         return r
+
+    # -- nodes and tokens (any coordinator serves them; mutations keep one request id across retries) --------
+
+    async def list_nodes(
+        self, tags: Sequence[str] = (), *, page_size: int = 0, page_token: str = ""
+    ) -> admin_pb2.ListNodesResponse:
+        """One page of nodes ordered by name (those carrying all ``tags``); see :meth:`all_nodes`."""
+        req = admin_pb2.ListNodesRequest(tags=tags, page_size=page_size, page_token=page_token)
+        r: admin_pb2.ListNodesResponse = await self._admin("ListNodes", req)
+        return r
+
+    async def all_nodes(self, tags: Sequence[str] = ()) -> list[admin_pb2.Node]:
+        """Every node (carrying all ``tags``), following the pages."""
+        out: list[admin_pb2.Node] = []
+        token = ""
+        while True:
+            page = await self.list_nodes(tags, page_size=1000, page_token=token)
+            out.extend(page.nodes)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    async def get_node(self, node_id: str | None = None, *, name: str | None = None) -> admin_pb2.Node:
+        """The node with ``node_id`` or ``name`` (exactly one); ClientError NOT_FOUND if there is none."""
+        if (node_id is None) == (name is None):
+            raise TunnelMeshError("get_node: give exactly one of node_id and name")
+        req = admin_pb2.GetNodeRequest()
+        if node_id is not None:
+            req.node_id = node_id
+        else:
+            req.name = name or ""
+        r: admin_pb2.GetNodeResponse = await self._admin("GetNode", req)
+        return r.node
+
+    async def rename_node(
+        self, node_id: str, new_name: str, *, request_id: str | None = None
+    ) -> admin_pb2.Node:
+        req = admin_pb2.RenameNodeRequest(
+            request_id=request_id or uuid.uuid4().hex, node_id=node_id, new_name=new_name
+        )
+        r: admin_pb2.RenameNodeResponse = await self._admin("RenameNode", req)
+        return r.node
+
+    async def remove_node(self, node_id: str, *, request_id: str | None = None) -> None:
+        req = admin_pb2.RemoveNodeRequest(request_id=request_id or uuid.uuid4().hex, node_id=node_id)
+        await self._admin("RemoveNode", req)
+
+    async def create_join_token(
+        self,
+        *,
+        description: str = "",
+        tags: Sequence[str] = (),
+        ttl: float | None = None,
+        reusable: bool = False,
+        max_uses: int = 0,
+        request_id: str | None = None,
+    ) -> admin_pb2.CreateJoinTokenResponse:
+        """A new join token; ``ttl`` in seconds (None: the server default, 1 h). The response holds the secret
+        (shown only now) and a ready-to-paste ``join_command``."""
+        req = admin_pb2.CreateJoinTokenRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            description=description,
+            tags=tags,
+            reusable=reusable,
+            max_uses=max_uses,
+        )
+        if ttl is not None:
+            req.ttl.FromNanoseconds(int(ttl * 1e9))
+        r: admin_pb2.CreateJoinTokenResponse = await self._admin("CreateJoinToken", req)
+        return r
+
+    async def list_join_tokens(self, *, include_inactive: bool = False) -> list[admin_pb2.JoinToken]:
+        """Every join token (newest first), following the pages; revoked, expired and used-up ones only with
+        ``include_inactive``."""
+        out: list[admin_pb2.JoinToken] = []
+        token = ""
+        while True:
+            req = admin_pb2.ListJoinTokensRequest(
+                include_inactive=include_inactive, page_size=1000, page_token=token
+            )
+            page: admin_pb2.ListJoinTokensResponse = await self._admin("ListJoinTokens", req)
+            out.extend(page.tokens)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    async def revoke_join_token(self, token_id: str, *, request_id: str | None = None) -> admin_pb2.JoinToken:
+        req = admin_pb2.RevokeJoinTokenRequest(request_id=request_id or uuid.uuid4().hex, token_id=token_id)
+        r: admin_pb2.RevokeJoinTokenResponse = await self._admin("RevokeJoinToken", req)
+        return r.token
+
+    async def create_api_token(
+        self,
+        role: int,
+        *,
+        description: str = "",
+        ttl: float | None = None,
+        request_id: str | None = None,
+    ) -> admin_pb2.CreateApiTokenResponse:
+        """A new API token with ``role`` (``common_pb2.ROLE_READ_ONLY/OPERATOR/ADMIN``); ``ttl`` in seconds
+        (None: no expiry). The response holds the secret, shown only now."""
+        req = admin_pb2.CreateApiTokenRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            description=description,
+            role=role,  # type: ignore[arg-type]
+        )
+        if ttl is not None:
+            req.ttl.FromNanoseconds(int(ttl * 1e9))
+        r: admin_pb2.CreateApiTokenResponse = await self._admin("CreateApiToken", req)
+        return r
+
+    async def list_api_tokens(self, *, include_inactive: bool = False) -> list[admin_pb2.ApiToken]:
+        req = admin_pb2.ListApiTokensRequest(include_inactive=include_inactive)
+        r: admin_pb2.ListApiTokensResponse = await self._admin("ListApiTokens", req)
+        return list(r.tokens)
+
+    async def revoke_api_token(self, token_id: str, *, request_id: str | None = None) -> admin_pb2.ApiToken:
+        req = admin_pb2.RevokeApiTokenRequest(request_id=request_id or uuid.uuid4().hex, token_id=token_id)
+        r: admin_pb2.RevokeApiTokenResponse = await self._admin("RevokeApiToken", req)
+        return r.token
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where to connect: flags, environment, a local coordinator's data dir, or the profile file
+
+COORD_ENV = "TUNNELMESH_COORD"
+CA_ENV = "TUNNELMESH_CA"
+TOKEN_ENV = "TUNNELMESH_API_TOKEN"
+PROFILE_ENV = "TUNNELMESH_PROFILE"
+# In a coordinator's data dir (written by the coordinator; see coord/server.py).
+ADMIN_TOKEN_FILE = "admin-token"
+API_ADDRESS_FILE = "api-address"
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Everything a client needs: coordinator addresses, the cluster CA (PEM) and an API token."""
+
+    coordinators: tuple[str, ...]
+    ca_pem: bytes = field(repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    def client(self, **kwargs: Any) -> Client:
+        return Client(self.coordinators, ca_pem=self.ca_pem, token=self.token, **kwargs)
+
+
+def default_profile_path() -> Path:
+    """``$TUNNELMESH_PROFILE``, else /etc/tunnelmesh/profile.json for root, else
+    ~/.config/tunnelmesh/profile.json."""
+    if os.environ.get(PROFILE_ENV):
+        return Path(os.environ[PROFILE_ENV])
+    if os.geteuid() == 0:
+        return Path("/etc/tunnelmesh/profile.json")
+    return Path.home() / ".config" / "tunnelmesh" / "profile.json"
+
+
+def save_profile(profile: Profile, path: Path | None = None) -> Path:
+    """Write ``profile`` as JSON, mode 0600 (it holds the token), atomically; returns the path."""
+    path = path or default_profile_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    doc = {
+        "version": PROFILE_VERSION,
+        "coordinators": list(profile.coordinators),
+        "ca_pem": profile.ca_pem.decode(),
+        "token": profile.token,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a leftover tmp file
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path: Path | None = None) -> Profile | None:
+    """The profile at ``path`` (default :func:`default_profile_path`), None if there is none. A profile that
+    others can read, or a malformed one, is an error that names the file."""
+    path = path or default_profile_path()
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TunnelMeshError(f"{path}: cannot read the client profile: {exc.strerror}") from None
+    if mode & 0o077:
+        raise TunnelMeshError(
+            f"{path}: the profile holds an API token but is readable by others; chmod 600 it"
+        )
+    try:
+        doc = json.loads(text)
+        coords = doc["coordinators"]
+        ca_pem = doc["ca_pem"].encode()
+        token = doc.get("token")
+        if not isinstance(coords, list) or not all(isinstance(c, str) for c in coords):
+            raise TypeError("coordinators")
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TunnelMeshError(
+            f"{path}: malformed client profile ({exc}); expected JSON with coordinators, ca_pem, token "
+            f"(rewrite it with `tunnelmesh up`)"
+        ) from None
+    return Profile(tuple(coords), ca_pem, token or None)
+
+
+def _split_endpoints(text: str) -> tuple[str, ...]:
+    return tuple(e.strip() for e in text.split(",") if e.strip())
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise TunnelMeshError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+
+
+def resolve_profile(
+    *,
+    coordinators: str | None = None,
+    ca_file: Path | None = None,
+    token: str | None = None,
+    data_dir: Path | None = None,
+    profile_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Profile:
+    """Combine the sources, field by field, first found wins: flags (``coordinators`` "host:port,...",
+    ``ca_file``, ``token``), then the environment (``TUNNELMESH_COORD``, ``TUNNELMESH_CA`` (a file),
+    ``TUNNELMESH_API_TOKEN``), then a local coordinator's ``data_dir`` (``ca.crt``, ``admin-token``,
+    ``api-address``), then the profile file. A missing coordinator list or CA is an error saying how to give
+    it; a missing token is allowed (health checks, or a server that will answer UNAUTHENTICATED)."""
+    env = os.environ if env is None else env
+    coords = _split_endpoints(coordinators or env.get(COORD_ENV, ""))
+    ca_path = ca_file or (Path(env[CA_ENV]) if env.get(CA_ENV) else None)
+    ca_pem = _read(ca_path, "CA certificate") if ca_path else None
+    tok = token or env.get(TOKEN_ENV) or None
+    if data_dir is not None:
+        if not coords and (data_dir / API_ADDRESS_FILE).exists():
+            coords = _split_endpoints(_read(data_dir / API_ADDRESS_FILE, "coordinator API address").decode())
+        if ca_pem is None:
+            ca_pem = _read(data_dir / pki.CA_CERT_FILE, "cluster CA certificate")
+        if tok is None and (data_dir / ADMIN_TOKEN_FILE).exists():
+            tok = _read(data_dir / ADMIN_TOKEN_FILE, "admin token").decode().strip()
+    if not coords or ca_pem is None or tok is None:
+        saved = load_profile(profile_path)
+        if saved is not None:
+            coords = coords or saved.coordinators
+            ca_pem = ca_pem if ca_pem is not None else saved.ca_pem
+            tok = tok or saved.token
+    if not coords:
+        raise TunnelMeshError(
+            f"no coordinator address: pass --coord host:port[,host:port...], set {COORD_ENV}, pass "
+            f"--data-dir of a local coordinator, or run `tunnelmesh up` to write a profile"
+        )
+    if ca_pem is None:
+        raise TunnelMeshError(
+            f"no cluster CA certificate: pass --ca FILE (ca.crt from a coordinator's data dir), set "
+            f"{CA_ENV}, or pass --data-dir of a local coordinator"
+        )
+    return Profile(coords, ca_pem, tok)

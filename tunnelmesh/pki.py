@@ -91,6 +91,7 @@ __all__ = [
     "TlsIdentity",
     "authorize_coordinator",
     "authorize_node",
+    "ca_cluster_id",
     "ca_fingerprint",
     "channel_credentials",
     "coordinator_channel_options",
@@ -100,6 +101,7 @@ __all__ = [
     "create_node_csr",
     "export_cluster_bundle",
     "fetch_pinned_ca",
+    "fetch_server_chain",
     "import_cluster_bundle",
     "issue_coordinator_identity",
     "issue_node_certificate",
@@ -114,6 +116,7 @@ __all__ = [
     "peer_identity",
     "save_ca",
     "save_identity",
+    "served_ca",
     "server_credentials",
     "verify_node_certificate",
     "verify_pinned_ca",
@@ -316,18 +319,16 @@ def verify_pinned_ca(ca_pem: bytes, fingerprint: str) -> list[x509.Certificate]:
     return pinned
 
 
-def fetch_pinned_ca(host: str, port: int, fingerprint: str, *, timeout: float = 5.0) -> x509.Certificate:
-    """Fetch the CA certificate from a coordinator's TLS port and return it if it matches the pin.
+def fetch_server_chain(host: str, port: int, *, timeout: float = 5.0) -> list[x509.Certificate]:
+    """The certificate chain a TLS server sends, read WITHOUT verifying it (leaf first).
 
-    The bootstrap step of a join (as kubeadm's CA pin): the node has only an address and the fingerprint
-    from the join token. The handshake is deliberately unverified; what makes this safe is that only a
-    certificate whose SHA-256 equals the pin is returned, whoever served it. Blocking: run it in a thread
-    from asyncio code.
+    Only for callers that authenticate what they get by other means: a CA pin (:func:`fetch_pinned_ca`) or a
+    secret checked afterwards (a joining coordinator compares the bundle's CA, opened with the join secret,
+    with the CA it connected with). Blocking: run it in a thread from asyncio code.
     """
-    expected = _normalise_fingerprint(fingerprint)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # see above: the pin, not the handshake, authenticates the CA
+    context.verify_mode = ssl.CERT_NONE  # see above: the caller authenticates the result
     context.set_alpn_protocols(["h2"])  # gRPC servers refuse a handshake without ALPN h2
     try:
         with (
@@ -342,11 +343,50 @@ def fetch_pinned_ca(host: str, port: int, fingerprint: str, *, timeout: float = 
                 raise PkiError("this Python's ssl module cannot return the server's certificate chain")
             served = getter() or []
     except OSError as exc:
-        raise PkiError(f"{host}:{port}: cannot fetch the CA certificate: {exc}") from None
+        raise PkiError(
+            f"{host}:{port}: cannot fetch the CA certificate from the TLS handshake: {exc}"
+        ) from None
     ders = [c if isinstance(c, bytes) else c.public_bytes(2) for c in served]  # 2 = _ssl.ENCODING_DER
-    for der in ders:
-        if hmac.compare_digest(ca_fingerprint(bytes(der)), expected):
-            return x509.load_der_x509_certificate(bytes(der))
+    try:
+        return [x509.load_der_x509_certificate(bytes(der)) for der in ders]
+    except ValueError:
+        raise PkiError(f"{host}:{port}: the server sent a certificate that cannot be parsed") from None
+
+
+def served_ca(chain: Sequence[x509.Certificate], where: str) -> x509.Certificate:
+    """The CA certificate at the end of a served chain (a coordinator serves leaf + CA).
+
+    Not authenticated by itself: see :func:`fetch_server_chain`."""
+    if len(chain) >= 2 and _is_ca(chain[-1]) and _issued_by(chain[0], chain[-1]):
+        return chain[-1]
+    raise PkiError(
+        f"{where}: the server did not send its CA certificate after its own (not a TunnelMesh coordinator, "
+        f"or one with operator-supplied certificates: pass its CA file)"
+    )
+
+
+def ca_cluster_id(ca_cert: x509.Certificate) -> str | None:
+    """The cluster id in a CA certificate's subject (OU), set by :func:`create_ca`; None for a foreign CA."""
+    subject = ca_cert.subject
+    org = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    unit = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if [a.value for a in org] == [_ORG] and len(unit) == 1 and isinstance(unit[0].value, str):
+        return unit[0].value
+    return None
+
+
+def fetch_pinned_ca(host: str, port: int, fingerprint: str, *, timeout: float = 5.0) -> x509.Certificate:
+    """Fetch the CA certificate from a coordinator's TLS port and return it if it matches the pin.
+
+    The bootstrap step of a join (as kubeadm's CA pin): the node has only an address and the fingerprint
+    from the join token. The handshake is deliberately unverified; what makes this safe is that only a
+    certificate whose SHA-256 equals the pin is returned, whoever served it. Blocking: run it in a thread
+    from asyncio code.
+    """
+    expected = _normalise_fingerprint(fingerprint)
+    for cert in fetch_server_chain(host, port, timeout=timeout):
+        if hmac.compare_digest(ca_fingerprint(cert), expected):
+            return cert
     raise PkiError(
         f"{host}:{port}: no certificate the server sent matches the pinned CA fingerprint {expected}; "
         f"this is not a coordinator of the mesh the join token was made for"
@@ -519,12 +559,7 @@ class CertificateAuthority:
     @property
     def cluster_id(self) -> str | None:
         """The cluster id recorded in the CA's subject (OU) by :func:`create_ca`; None for a foreign CA."""
-        subject = self.certificate.subject
-        org = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-        unit = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-        if [a.value for a in org] == [_ORG] and len(unit) == 1 and isinstance(unit[0].value, str):
-            return unit[0].value
-        return None
+        return ca_cluster_id(self.certificate)
 
     def __repr__(self) -> str:
         return f"CertificateAuthority({self.fingerprint[:19]}...)"

@@ -7,20 +7,33 @@ client; it runs this script there instead (``coordlab.CoordLab.ops``). Usage::
     python coord_ops.py ENDPOINTS writer SECONDS OUT -> writes keys w<i> until SECONDS pass; OUT gets the acks
 
 An op is ``["put", key, value]``, ``["get", key]``, ``["sget", key]`` (stale), ``["cas", key, expected|null,
-new]`` or ``["status"]``; an op may end with ``{"deadline": s, "via": "host:port"}`` (send only to that
-coordinator). A failed op yields ``{"error": CODE}``.
+new]`` or ``["status"]``; an op may end with ``{"deadline": s, "via": "host:port", "token": t}`` (send only
+to that coordinator; use API token ``t`` instead, null: none). A failed op yields ``{"error": CODE,
+"detail": message}``. The CA and API token come from the environment (``TUNNELMESH_CA``,
+``TUNNELMESH_API_TOKEN``; ``CoordLab.client_env``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tunnelmesh.client import Client, ClientError
+# Run as a script: import this checkout's tunnelmesh, whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tunnelmesh.client import Client, ClientError, resolve_profile
+
+
+def _client(endpoints: list[str], token: Any = False, **kwargs: Any) -> Client:
+    profile = resolve_profile(coordinators=",".join(endpoints))
+    if token is not False:
+        profile = dataclasses.replace(profile, token=token)
+    return profile.client(**kwargs)
 
 
 async def one(endpoints: list[str], op: list[Any]) -> Any:
@@ -30,7 +43,8 @@ async def one(endpoints: list[str], op: list[Any]) -> Any:
     deadline = float(opts.get("deadline", 10.0))
     if "via" in opts:
         endpoints = [opts["via"]]
-    async with Client(endpoints, deadline=deadline, attempt_timeout=min(5.0, deadline)) as c:
+    token = opts.get("token", False)
+    async with _client(endpoints, token, deadline=deadline, attempt_timeout=min(5.0, deadline)) as c:
         try:
             kind = op[0]
             if kind == "put":
@@ -66,7 +80,7 @@ async def writer(endpoints: list[str], seconds: float, out: str) -> None:
     failed: list[str] = []
     i = 0
     end = time.monotonic() + seconds
-    async with Client(endpoints, deadline=5.0, attempt_timeout=1.0) as c:
+    async with _client(endpoints, deadline=5.0, attempt_timeout=1.0) as c:
         while time.monotonic() < end:
             key = f"w{i}"
             try:

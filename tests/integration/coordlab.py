@@ -157,11 +157,35 @@ class CoordLab:
 
     # -- client side -----------------------------------------------------------------------------------------
 
-    def ops(self, targets: list[Coord] | Coord, ops: list[list[Any]], timeout: float = 60.0) -> list[Any]:
+    def client_env(self, token: str | None = None) -> dict[str, str]:
+        """Environment of a client process: the cluster CA and an API token (default: the bootstrap admin
+        token, from the coordinator that bootstrapped), and no profile file of the machine."""
+        env = {"TUNNELMESH_PROFILE": str(self.tmp / "no-profile.json")}
+        ca = next((c.data_dir / "ca.crt" for c in self.coords if (c.data_dir / "ca.crt").exists()), None)
+        if ca is not None:
+            env["TUNNELMESH_CA"] = str(ca)
+        admin = next(
+            (c.data_dir / "admin-token" for c in self.coords if (c.data_dir / "admin-token").exists()), None
+        )
+        if token is None and admin is not None:
+            token = admin.read_text().strip()
+        if token is not None:
+            env["TUNNELMESH_API_TOKEN"] = token
+        return env
+
+    def ops(
+        self,
+        targets: list[Coord] | Coord,
+        ops: list[list[Any]],
+        timeout: float = 60.0,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> list[Any]:
         if isinstance(targets, Coord):
             targets = [targets]
         endpoints = ",".join(c.api for c in targets)
-        r = self.client.run([sys.executable, str(OPS), endpoints, json.dumps(ops)], timeout=timeout)
+        argv = [sys.executable, str(OPS), endpoints, json.dumps(ops)]
+        r = self.client.run(argv, timeout=timeout, env=env or self.client_env())
         return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
     def status(self, via: list[Coord] | Coord | None = None) -> dict[str, Any]:
@@ -196,5 +220,7 @@ class CoordLab:
     def spawn_writer(self, targets: list[Coord], seconds: float, out: Path) -> Process:
         endpoints = ",".join(c.api for c in targets)
         return self.client.spawn(
-            [sys.executable, str(OPS), endpoints, "writer", str(seconds), str(out)], name="writer"
+            [sys.executable, str(OPS), endpoints, "writer", str(seconds), str(out)],
+            name="writer",
+            env=self.client_env(),
         )

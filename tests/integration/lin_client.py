@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.linearizability import Recorder
 from tunnelmesh.api.v1 import kv_pb2, kv_pb2_grpc
+from tunnelmesh.client import open_channel, resolve_profile
 
 ATTEMPT_DEADLINE = 1.0  # seconds per gRPC attempt
 ATTEMPTS = 3  # attempts of one logical operation (on different coordinators) before giving up: unknown
@@ -126,12 +127,18 @@ async def client(
             rec.fail_unknown(op)
 
 
+def _channels(endpoints: list[str]) -> list[grpc.aio.Channel]:
+    """TLS channels with the CA and API token of the environment (``CoordLab.client_env``)."""
+    profile = resolve_profile(coordinators=",".join(endpoints))
+    return [open_channel(e, ca_pem=profile.ca_pem, token=profile.token) for e in endpoints]
+
+
 async def run(endpoints: list[str], seconds: float, out: Path, clients: int, nkeys: int, seed: int) -> None:
     rng = random.Random(seed)
     rec = Recorder()
     keys = [f"k{i}".encode() for i in range(nkeys)]
     codes: collections.Counter[str] = collections.Counter()
-    channels = [grpc.aio.insecure_channel(e) for e in endpoints]
+    channels = _channels(endpoints)
     try:
         # One stub list per client, in its own random order: clients spread over the coordinators.
         per_client = []
@@ -159,7 +166,7 @@ async def run(endpoints: list[str], seconds: float, out: Path, clients: int, nke
 
 
 async def read_back(endpoints: list[str], keys: list[str]) -> dict[str, object]:
-    channels = [grpc.aio.insecure_channel(e) for e in endpoints]
+    channels = _channels(endpoints)
     stubs: list[KvStub] = [kv_pb2_grpc.KvServiceStub(ch) for ch in channels]
     missing: list[str] = []
     errors: dict[str, str] = {}

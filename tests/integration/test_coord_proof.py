@@ -48,7 +48,9 @@ def _missing(cl: CoordLab, via: list[Coord], keys: list[str], tmp_path: Path) ->
     keys_file.write_text(json.dumps(keys))
     endpoints = ",".join(c.api for c in via)
     r = cl.client.run(
-        [sys.executable, str(LIN_CLIENT), endpoints, "--read-back", str(keys_file)], timeout=120
+        [sys.executable, str(LIN_CLIENT), endpoints, "--read-back", str(keys_file)],
+        timeout=120,
+        env=cl.client_env(),
     )
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["read"] == len(keys) and res["errors"] == {}, f"read-back failed: {res['errors']}"
@@ -118,7 +120,9 @@ def _run_linearizability(
     out = tmp_path / "history.json"
     endpoints = ",".join(c.api for c in cl.coords)
     argv = [sys.executable, str(LIN_CLIENT), endpoints, str(max_seconds), str(out)]
-    proc = cl.client.spawn([*argv, "--clients", str(clients), "--seed", str(seed)], name="lin_client")
+    proc = cl.client.spawn(
+        [*argv, "--clients", str(clients), "--seed", str(seed)], name="lin_client", env=cl.client_env()
+    )
     proc.wait_for_log("lin_client: started", timeout=30)
     time.sleep(1.0)
     faults(cl)
@@ -280,7 +284,8 @@ def test_add_and_remove_members_under_write_load_loses_no_acknowledged_write(
     lead = cl.leader()
     gone = next(c for c in (c1, c2, c3) if c is not lead)
     endpoints = ",".join(c.api for c in (c1, c2, c3) if c is not gone)
-    r = cl.client.run(coord_argv("cluster", "remove", "-c", endpoints, gone.member_id), timeout=60)
+    argv = coord_argv("cluster", "remove", "-c", endpoints, gone.member_id)
+    r = cl.client.run(argv, timeout=60, env=cl.client_env())
     assert "removed" in r.stdout, r.stdout + r.stderr
     want = {c.member_id for c in (c1, c2, c3, c4) if c is not gone}
     stayers = [c for c in (c1, c2, c3, c4) if c is not gone]

@@ -1,37 +1,20 @@
-"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal."""
+"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal.
+
+Connection flags (--coord, --ca, --token, --data-dir, --profile): see cli/connect.py and docs/api.md."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 import click
 from google.protobuf.json_format import MessageToDict
 
 from tunnelmesh.api.v1 import admin_pb2
-from tunnelmesh.client import Client
+from tunnelmesh.cli.connect import Connection, connection_options
 
 _ROLE = {admin_pb2.MEMBER_ROLE_VOTER: "voter", admin_pb2.MEMBER_ROLE_LEARNER: "learner"}
 
-_coordinator_option = click.option(
-    "--coordinator",
-    "-c",
-    "endpoints",
-    envvar="TUNNELMESH_COORDINATOR",
-    default="127.0.0.1:8443",
-    show_default=True,
-    help="Public API address(es) of any coordinator, comma-separated.",
-)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-
-
-def _run(endpoints: str, fn: Any) -> Any:
-    async def main() -> Any:
-        async with Client([e.strip() for e in endpoints.split(",") if e.strip()]) as c:
-            return await fn(c)
-
-    return asyncio.run(main())
 
 
 def _members_table(members: list[admin_pb2.Member]) -> None:
@@ -49,11 +32,11 @@ def cluster() -> None:
 
 
 @cluster.command("status")
-@_coordinator_option
+@connection_options
 @_json_option
-def status(endpoints: str, as_json: bool) -> None:
+def status(conn: Connection, as_json: bool) -> None:
     """Leader, term, commit/applied indexes and members, as the serving coordinator sees them."""
-    st: admin_pb2.GetClusterStatusResponse = _run(endpoints, lambda c: c.cluster_status())
+    st: admin_pb2.GetClusterStatusResponse = conn.run(lambda c: c.cluster_status())
     if as_json:
         click.echo(json.dumps(MessageToDict(st), indent=2))
         return
@@ -67,11 +50,11 @@ def status(endpoints: str, as_json: bool) -> None:
 
 
 @cluster.command("members")
-@_coordinator_option
+@connection_options
 @_json_option
-def members(endpoints: str, as_json: bool) -> None:
+def members(conn: Connection, as_json: bool) -> None:
     """List voters and learners."""
-    ms: list[admin_pb2.Member] = _run(endpoints, lambda c: c.members())
+    ms: list[admin_pb2.Member] = conn.run(lambda c: c.members())
     if as_json:
         click.echo(json.dumps([MessageToDict(m) for m in ms], indent=2))
         return
@@ -79,18 +62,18 @@ def members(endpoints: str, as_json: bool) -> None:
 
 
 @cluster.command("transfer-leader")
-@_coordinator_option
+@connection_options
 @click.argument("target", required=False, default="")
-def transfer_leader(endpoints: str, target: str) -> None:
+def transfer_leader(conn: Connection, target: str) -> None:
     """Move leadership to TARGET (member id), or to the most up-to-date other voter."""
-    r: admin_pb2.TransferLeadershipResponse = _run(endpoints, lambda c: c.transfer_leadership(target))
+    r: admin_pb2.TransferLeadershipResponse = conn.run(lambda c: c.transfer_leadership(target))
     click.echo(f"leader is now {r.leader_id} (term {r.term})")
 
 
 @cluster.command("remove")
-@_coordinator_option
+@connection_options
 @click.argument("member_id")
-def remove(endpoints: str, member_id: str) -> None:
+def remove(conn: Connection, member_id: str) -> None:
     """Remove MEMBER_ID from the cluster (its id is never reused; wipe its data dir to reuse the host)."""
-    r: admin_pb2.RemoveMemberResponse = _run(endpoints, lambda c: c.remove_member(member_id))
+    r: admin_pb2.RemoveMemberResponse = conn.run(lambda c: c.remove_member(member_id))
     click.echo(f"removed {member_id}; {len(r.members)} members remain")

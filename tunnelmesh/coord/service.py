@@ -1,5 +1,5 @@
-"""gRPC servicers of a coordinator: KvService, the cluster part of AdminService, ClusterJoinService, and the
-request/response half of the Raft port (Join, Propose, ReadIndex).
+"""gRPC servicers of a coordinator: KvService, AdminService (nodes, join and API tokens, the cluster),
+ClusterJoinService, and the request/response half of the Raft port (Join, Propose, ReadIndex).
 
 Writes go through ``Coordinator.write``: propose locally when this member leads; otherwise forward the
 serialized ``Command`` to the leader with ``Raft.Propose`` (mutual TLS). When no leader is known, or the
@@ -9,36 +9,48 @@ command carries the client's ``request_id`` and the state machine applies an id 
 Reads: ``Coordinator.read_barrier`` runs ReadIndex through the core (a follower's core forwards the request to
 the leader and serves the read from its own state once it has applied the confirmed index).
 
-Auth: the public port has no API-token check yet (the admin auth interceptor comes with the admin API issue).
+Auth: API tokens and roles are checked by the interceptor of coord/auth.py before a KV or admin method runs;
+the servicers only read the caller's token id (``created_by`` of what it creates).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
+from prometheus_client import Counter
 
-from tunnelmesh import pki
+from tunnelmesh import pki, tokens
 from tunnelmesh.api.raft.v1 import raft_pb2
 from tunnelmesh.api.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     cluster_pb2,
     cluster_pb2_grpc,
+    common_pb2,
     kv_pb2,
     kv_pb2_grpc,
     state_pb2,
 )
+from tunnelmesh.coord import state
 from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
 from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
 from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, StateType
 from tunnelmesh.coord.raft.transport import member_label
-from tunnelmesh.coord.state import encode_command
+from tunnelmesh.coord.state import (
+    MAX_JOIN_TOKEN_TTL_SECONDS,
+    NS_PER_SECOND,
+    encode_command,
+    is_label,
+    ns_to_timestamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ _ERROR_CODES = {
     state_pb2.COMMAND_ERROR_CODE_INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     state_pb2.COMMAND_ERROR_CODE_RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     state_pb2.COMMAND_ERROR_CODE_UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    state_pb2.COMMAND_ERROR_CODE_PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -87,9 +100,12 @@ class Coordinator:
         self_member: raft_pb2.Member,
         join_bundle: Callable[[], bytes] | None,
         max_voters: int,
+        ca_fingerprint: str = "",
     ) -> None:
         self.driver = driver
         self.self_member = self_member
+        # "sha256:<hex>" of the cluster CA: join tokens carry it so a new node can pin the CA.
+        self.ca_fingerprint = ca_fingerprint
         self._make_bundle = join_bundle
         self._bundle: bytes | None = None
         self.max_voters = max_voters
@@ -461,53 +477,438 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
         )
 
 
-async def _not_built(name: str, context: Any) -> Any:
-    await context.abort(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"AdminService.{name} is not built yet (the admin API issue adds nodes and tokens); only the "
-        "cluster methods are served",
+# -- AdminService: nodes, join tokens, API tokens ------------------------------------------------------------
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_JOIN_TOKEN_TTL = 3600  # seconds, as admin.proto documents
+MAX_API_TOKEN_TTL = (
+    10 * 365 * 24 * 3600
+)  # seconds; far enough for any rotation policy, inside Timestamp's range
+_VALID_ROLES = {common_pb2.ROLE_READ_ONLY, common_pb2.ROLE_OPERATOR, common_pb2.ROLE_ADMIN}
+
+ADMIN_FAILURES = Counter(
+    "tunnelmesh_admin_requests_failed",
+    "AdminService node and token calls that failed, by method and gRPC status code (bad input included).",
+    ["method", "code"],
+)
+
+R = TypeVar("R")
+
+
+def _actor(context: Any) -> str:
+    """Who is calling, for ``created_by``: the caller's API token id (never the secret)."""
+    text = tokens.bearer(context.invocation_metadata())
+    if text is None:
+        return ""
+    try:
+        return f"api-token:{tokens.ApiToken.parse(text).token_id}"
+    except tokens.TokenError:
+        return ""
+
+
+def _page_size(requested: int) -> int:
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _page_token(kind: str, key: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{key}".encode()).decode().rstrip("=")
+
+
+def _page_key(kind: str, token: str) -> str:
+    """The position encoded in a page token of this ``kind``; INVALID_ARGUMENT for anything else."""
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    prefix, sep, key = text.partition(":")
+    if prefix != kind or not sep or not key:
+        raise RequestFailed(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"page_token {token[:40]!r} is not a next_page_token of this method; start again without one",
+        )
+    return key
+
+
+def _ttl_ns(request: Any, *, default: int | None, maximum: int, what: str) -> int | None:
+    """The request's ``ttl`` in ns: ``default`` (seconds) if unset or zero, INVALID_ARGUMENT outside
+    (0, maximum]."""
+    seconds = request.ttl.ToNanoseconds() / NS_PER_SECOND if request.HasField("ttl") else 0.0
+    if seconds == 0:
+        return None if default is None else default * NS_PER_SECOND
+    if seconds < 0 or seconds > maximum:
+        raise RequestFailed(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"ttl {seconds:.0f}s is out of range for {what}: "
+            f"give more than 0 and at most {maximum // 86400} days",
+        )
+    return int(request.ttl.ToNanoseconds())
+
+
+def _require(value: str, what: str) -> None:
+    if not value:
+        raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is required")
+
+
+def _node_proto(n: state.Node) -> admin_pb2.Node:
+    node = admin_pb2.Node(
+        node_id=n.node_id,
+        name=n.name,
+        hostname=n.hostname,
+        public_key=n.public_key,
+        mesh_ips=n.mesh_ips,
+        tags=n.tags,
+        endpoints=[e.to_proto() for e in n.endpoints],
+        agent_version=n.agent_version,
+        platform=n.platform,
+        created_at=ns_to_timestamp(n.created_at),
+        online=n.online,
+        join_token_id=n.join_token_id,
+    )
+    if n.last_seen is not None:
+        node.last_seen.CopyFrom(ns_to_timestamp(n.last_seen))
+    return node
+
+
+def _join_token_proto(t: state.JoinToken) -> admin_pb2.JoinToken:
+    out = admin_pb2.JoinToken(
+        token_id=t.token_id,
+        description=t.description,
+        tags=t.tags,
+        expires_at=ns_to_timestamp(t.expires_at),
+        reusable=t.reusable,
+        max_uses=t.max_uses,
+        uses=t.uses,
+        created_at=ns_to_timestamp(t.created_at),
+        created_by=t.created_by,
+    )
+    if t.revoked_at is not None:
+        out.revoked_at.CopyFrom(ns_to_timestamp(t.revoked_at))
+    return out
+
+
+def _api_token_proto(t: state.ApiToken) -> admin_pb2.ApiToken:
+    out = admin_pb2.ApiToken(
+        token_id=t.token_id,
+        description=t.description,
+        role=t.role,  # type: ignore[arg-type]
+        created_at=ns_to_timestamp(t.created_at),
+        created_by=t.created_by,
+    )
+    if t.expires_at is not None:
+        out.expires_at.CopyFrom(ns_to_timestamp(t.expires_at))
+    if t.revoked_at is not None:
+        out.revoked_at.CopyFrom(ns_to_timestamp(t.revoked_at))
+    return out
+
+
+def _reused_request(request_id: str, what: str) -> RequestFailed:
+    # The state answered a retry of an id it already applied: the first attempt made the token, and its secret
+    # (shown only once, never stored) cannot be shown again.
+    return RequestFailed(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"request_id {request_id!r} already created {what} (its secret is shown only once); list the tokens, "
+        "revoke the one that was lost and create a new one with a new request_id",
     )
 
 
-class _NotBuiltAdmin:
-    """The node and token methods of AdminService, answered UNIMPLEMENTED until the admin API issue."""
-
-    async def ListNodes(self, request: Any, context: Any) -> Any:
-        return await _not_built("ListNodes", context)
-
-    async def GetNode(self, request: Any, context: Any) -> Any:
-        return await _not_built("GetNode", context)
-
-    async def RenameNode(self, request: Any, context: Any) -> Any:
-        return await _not_built("RenameNode", context)
-
-    async def RemoveNode(self, request: Any, context: Any) -> Any:
-        return await _not_built("RemoveNode", context)
-
-    async def CreateJoinToken(self, request: Any, context: Any) -> Any:
-        return await _not_built("CreateJoinToken", context)
-
-    async def ListJoinTokens(self, request: Any, context: Any) -> Any:
-        return await _not_built("ListJoinTokens", context)
-
-    async def RevokeJoinToken(self, request: Any, context: Any) -> Any:
-        return await _not_built("RevokeJoinToken", context)
-
-    async def CreateApiToken(self, request: Any, context: Any) -> Any:
-        return await _not_built("CreateApiToken", context)
-
-    async def ListApiTokens(self, request: Any, context: Any) -> Any:
-        return await _not_built("ListApiTokens", context)
-
-    async def RevokeApiToken(self, request: Any, context: Any) -> Any:
-        return await _not_built("RevokeApiToken", context)
-
-
-class AdminServicer(_NotBuiltAdmin, admin_pb2_grpc.AdminServiceServicer):
-    """The cluster RPCs; the node/token RPCs are built by a later issue and answer UNIMPLEMENTED."""
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """AdminService. Roles are enforced before a method runs (the auth interceptor reads each method's
+    ``required_role``); here: input validation, mutations through ``Coordinator.write`` (actor = the caller's
+    API token), and reads from the applied state after a read barrier, so a read sees every write
+    acknowledged before it started, on any coordinator."""
 
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
+
+    async def _serve(self, method: str, context: Any, fn: Callable[[], Awaitable[R]]) -> R:
+        try:
+            return await fn()
+        except RequestFailed as exc:
+            ADMIN_FAILURES.labels(method, exc.code.name).inc()
+            log.info(
+                "event=admin_request_failed method=%s code=%s reason=%r", method, exc.code.name, exc.message
+            )
+            await _fail(context, exc)
+            raise
+
+    async def _state(self, context: Any) -> state.MeshState:
+        await self.c.read_barrier(_remaining(context))
+        return self.c.driver.state
+
+    async def _propose(
+        self, body: Any, request_id: str, context: Any, *, proposed_at: int | None = None
+    ) -> str:
+        """Commit one command (the caller's request id makes retries apply at most once); returns the id."""
+        request_id = request_id or uuid.uuid4().hex
+        data = encode_command(
+            body,
+            proposed_at=proposed_at or time.time_ns(),
+            request_id=request_id,
+            actor=_actor(context),
+        )
+        _check_result(await self.c.write(data, _remaining(context)))
+        return request_id
+
+    async def _settled(
+        self, context: Any, read: Callable[[state.MeshState], R], done: Callable[[R], bool]
+    ) -> R:
+        """``read`` of this coordinator's state once it shows the write just committed: usually at once (the
+        write path waits for the local apply), else after a read barrier."""
+        value = read(self.c.driver.state)
+        if not done(value):
+            await self.c.read_barrier(_remaining(context))
+            value = read(self.c.driver.state)
+        return value
+
+    def _join_command(self, secret: str) -> str:
+        addresses = [m.info.api_address for m in self.c.members_proto() if m.info.api_address]
+        return f"tunnelmesh join {','.join(dict.fromkeys(addresses))} --token {secret}"
+
+    # -- nodes -----------------------------------------------------------------------------------------------
+
+    async def ListNodes(
+        self, request: admin_pb2.ListNodesRequest, context: Any
+    ) -> admin_pb2.ListNodesResponse:
+        async def run() -> admin_pb2.ListNodesResponse:
+            size = _page_size(request.page_size)
+            after = _page_key("nodes", request.page_token) if request.page_token else ""
+            st = await self._state(context)
+            nodes = st.list_nodes(tags=request.tags, after_name=after, limit=size + 1)
+            resp = admin_pb2.ListNodesResponse(nodes=[_node_proto(n) for n in nodes[:size]])
+            if len(nodes) > size:
+                resp.next_page_token = _page_token("nodes", nodes[size - 1].name)
+            return resp
+
+        return await self._serve("ListNodes", context, run)
+
+    async def GetNode(self, request: admin_pb2.GetNodeRequest, context: Any) -> admin_pb2.GetNodeResponse:
+        async def run() -> admin_pb2.GetNodeResponse:
+            which = request.WhichOneof("node")
+            value = getattr(request, which) if which else ""
+            if not value:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "give the node's node_id or name")
+            st = await self._state(context)
+            node = st.get_node(value) if which == "node_id" else st.node_by_name(value)
+            if node is None:
+                what = "id" if which == "node_id" else "name"
+                raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"no node with {what} {value!r}")
+            return admin_pb2.GetNodeResponse(node=_node_proto(node))
+
+        return await self._serve("GetNode", context, run)
+
+    async def RenameNode(
+        self, request: admin_pb2.RenameNodeRequest, context: Any
+    ) -> admin_pb2.RenameNodeResponse:
+        async def run() -> admin_pb2.RenameNodeResponse:
+            _require(request.node_id, "node_id")
+            if not is_label(request.new_name):
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"new_name {request.new_name!r} is not a DNS label "
+                    "(1-63 lowercase letters, digits and '-', not at either end)",
+                )
+            body = state_pb2.RenameNode(node_id=request.node_id, new_name=request.new_name)
+            await self._propose(body, request.request_id, context)
+            node = await self._settled(
+                context,
+                lambda s: s.get_node(request.node_id),
+                lambda n: n is None or n.name == request.new_name,
+            )
+            if node is None:
+                raise RequestFailed(
+                    grpc.StatusCode.NOT_FOUND, f"node {request.node_id} was removed meanwhile"
+                )
+            log.info("event=node_renamed node=%s name=%s actor=%s", node.node_id, node.name, _actor(context))
+            return admin_pb2.RenameNodeResponse(node=_node_proto(node))
+
+        return await self._serve("RenameNode", context, run)
+
+    async def RemoveNode(
+        self, request: admin_pb2.RemoveNodeRequest, context: Any
+    ) -> admin_pb2.RemoveNodeResponse:
+        async def run() -> admin_pb2.RemoveNodeResponse:
+            _require(request.node_id, "node_id")
+            await self._propose(state_pb2.RemoveNode(node_id=request.node_id), request.request_id, context)
+            log.info("event=node_removed node=%s actor=%s", request.node_id, _actor(context))
+            return admin_pb2.RemoveNodeResponse()
+
+        return await self._serve("RemoveNode", context, run)
+
+    # -- join tokens -----------------------------------------------------------------------------------------
+
+    async def CreateJoinToken(
+        self, request: admin_pb2.CreateJoinTokenRequest, context: Any
+    ) -> admin_pb2.CreateJoinTokenResponse:
+        async def run() -> admin_pb2.CreateJoinTokenResponse:
+            if not self.c.ca_fingerprint:
+                raise RequestFailed(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "this coordinator has no cluster CA to pin in a join token",
+                )
+            ttl = _ttl_ns(
+                request,
+                default=DEFAULT_JOIN_TOKEN_TTL,
+                maximum=MAX_JOIN_TOKEN_TTL_SECONDS,
+                what="a join token",
+            )
+            assert ttl is not None
+            now = time.time_ns()
+            token = tokens.JoinToken.new(self.c.ca_fingerprint)
+            body = state_pb2.CreateJoinToken(
+                token_id=token.token_id,
+                secret_hash=token.secret_hash,
+                description=request.description,
+                tags=request.tags,
+                expires_at=ns_to_timestamp(now + ttl),
+                reusable=request.reusable,
+                max_uses=request.max_uses,
+            )
+            rid = await self._propose(body, request.request_id, context, proposed_at=now)
+            record = await self._settled(
+                context, lambda s: s.get_join_token(token.token_id), lambda r: r is not None
+            )
+            if record is None:
+                raise _reused_request(rid, "a join token")
+            log.info(
+                "event=join_token_created token_id=%s reusable=%s actor=%s",
+                token.token_id,
+                record.reusable,
+                record.created_by,
+            )
+            return admin_pb2.CreateJoinTokenResponse(
+                token=_join_token_proto(record),
+                secret=str(token),
+                join_command=self._join_command(str(token)),
+            )
+
+        return await self._serve("CreateJoinToken", context, run)
+
+    async def ListJoinTokens(
+        self, request: admin_pb2.ListJoinTokensRequest, context: Any
+    ) -> admin_pb2.ListJoinTokensResponse:
+        async def run() -> admin_pb2.ListJoinTokensResponse:
+            size = _page_size(request.page_size)
+            after: tuple[int, str] | None = None
+            if request.page_token:
+                created, _, token_id = _page_key("join-tokens", request.page_token).partition(":")
+                if not created.lstrip("-").isdigit() or not token_id:
+                    raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "page_token is malformed")
+                after = (-int(created), token_id)
+            st = await self._state(context)
+            now = max(time.time_ns(), st.now)
+            page: list[state.JoinToken] = []
+            more = False
+            for t in st.join_tokens():  # newest first: ordered by (-created_at, token_id)
+                if after is not None and (-t.created_at, t.token_id) <= after:
+                    continue
+                if not request.include_inactive and t.rejection(now) is not None:
+                    continue
+                if len(page) == size:
+                    more = True
+                    break
+                page.append(t)
+            resp = admin_pb2.ListJoinTokensResponse(tokens=[_join_token_proto(t) for t in page])
+            if more:
+                resp.next_page_token = _page_token(
+                    "join-tokens", f"{page[-1].created_at}:{page[-1].token_id}"
+                )
+            return resp
+
+        return await self._serve("ListJoinTokens", context, run)
+
+    async def RevokeJoinToken(
+        self, request: admin_pb2.RevokeJoinTokenRequest, context: Any
+    ) -> admin_pb2.RevokeJoinTokenResponse:
+        async def run() -> admin_pb2.RevokeJoinTokenResponse:
+            _require(request.token_id, "token_id")
+            body = state_pb2.RevokeJoinToken(token_id=request.token_id)
+            await self._propose(body, request.request_id, context)
+            record = await self._settled(
+                context,
+                lambda s: s.get_join_token(request.token_id),
+                lambda r: r is not None and r.revoked_at is not None,
+            )
+            if record is None:
+                raise RequestFailed(
+                    grpc.StatusCode.NOT_FOUND, f"join token {request.token_id!r} does not exist"
+                )
+            log.info("event=join_token_revoked token_id=%s actor=%s", record.token_id, _actor(context))
+            return admin_pb2.RevokeJoinTokenResponse(token=_join_token_proto(record))
+
+        return await self._serve("RevokeJoinToken", context, run)
+
+    # -- API tokens ------------------------------------------------------------------------------------------
+
+    async def CreateApiToken(
+        self, request: admin_pb2.CreateApiTokenRequest, context: Any
+    ) -> admin_pb2.CreateApiTokenResponse:
+        async def run() -> admin_pb2.CreateApiTokenResponse:
+            if request.role not in _VALID_ROLES:
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"role {request.role} is not a role: give ROLE_READ_ONLY, ROLE_OPERATOR or ROLE_ADMIN",
+                )
+            ttl = _ttl_ns(request, default=None, maximum=MAX_API_TOKEN_TTL, what="an API token")
+            now = time.time_ns()
+            token = tokens.ApiToken.new()
+            body = state_pb2.CreateApiToken(
+                token_id=token.token_id,
+                secret_hash=token.secret_hash,
+                description=request.description,
+                role=request.role,
+            )
+            if ttl is not None:
+                body.expires_at.CopyFrom(ns_to_timestamp(now + ttl))
+            rid = await self._propose(body, request.request_id, context, proposed_at=now)
+            record = await self._settled(
+                context, lambda s: s.get_api_token(token.token_id), lambda r: r is not None
+            )
+            if record is None:
+                raise _reused_request(rid, "an API token")
+            log.info(
+                "event=api_token_created token_id=%s role=%s actor=%s",
+                token.token_id,
+                common_pb2.Role.Name(request.role),
+                record.created_by,
+            )
+            return admin_pb2.CreateApiTokenResponse(token=_api_token_proto(record), secret=str(token))
+
+        return await self._serve("CreateApiToken", context, run)
+
+    async def ListApiTokens(
+        self, request: admin_pb2.ListApiTokensRequest, context: Any
+    ) -> admin_pb2.ListApiTokensResponse:
+        async def run() -> admin_pb2.ListApiTokensResponse:
+            st = await self._state(context)
+            now = max(time.time_ns(), st.now)
+            found = [t for t in st.api_tokens() if request.include_inactive or t.is_active(now)]
+            return admin_pb2.ListApiTokensResponse(tokens=[_api_token_proto(t) for t in found])
+
+        return await self._serve("ListApiTokens", context, run)
+
+    async def RevokeApiToken(
+        self, request: admin_pb2.RevokeApiTokenRequest, context: Any
+    ) -> admin_pb2.RevokeApiTokenResponse:
+        async def run() -> admin_pb2.RevokeApiTokenResponse:
+            _require(request.token_id, "token_id")
+            body = state_pb2.RevokeApiToken(token_id=request.token_id)
+            await self._propose(body, request.request_id, context)
+            record = await self._settled(
+                context,
+                lambda s: s.get_api_token(request.token_id),
+                lambda r: r is not None and r.revoked_at is not None,
+            )
+            if record is None:
+                raise RequestFailed(
+                    grpc.StatusCode.NOT_FOUND, f"API token {request.token_id!r} does not exist"
+                )
+            log.info("event=api_token_revoked token_id=%s actor=%s", record.token_id, _actor(context))
+            return admin_pb2.RevokeApiTokenResponse(token=_api_token_proto(record))
+
+        return await self._serve("RevokeApiToken", context, run)
+
+    # -- coordinator cluster ---------------------------------------------------------------------------------
 
     async def GetClusterStatus(
         self, request: admin_pb2.GetClusterStatusRequest, context: Any
