@@ -488,14 +488,14 @@ class CoordConfig(_Model):
         examples=["0.0.0.0:8444"],
     )
     http_listen: HostPort = Field(
-        default="0.0.0.0:8445",
-        description="HTTP: /metrics, /healthz, /readyz, web UI, WebSocket relay.",
-        examples=["127.0.0.1:8445"],
+        default="0.0.0.0:8080",
+        description="HTTP: /metrics, /healthz, /readyz, web UI, WebSocket relay (/relay).",
+        examples=["0.0.0.0:8080"],
     )
     relay_listen: HostPort = Field(
-        default="0.0.0.0:51821",
-        description="UDP endpoint reflector and blind relay.",
-        examples=["0.0.0.0:51821"],
+        default="0.0.0.0:8443",
+        description="UDP endpoint reflector and blind relay (UDP; may share the API's TCP port number).",
+        examples=["0.0.0.0:8443"],
     )
     advertise_host: Host | None = Field(
         default=None,

@@ -5,6 +5,10 @@ Data dir layout (``--data-dir D``)::
     D/ca.crt, D/ca.key         cluster CA (every coordinator holds it; see pki.py)
     D/coord.crt, D/coord.key   this coordinator's certificate (URI SAN tunnelmesh://cluster/<c>/coord/<m>)
     D/join-secret              the cluster join secret (0600)
+    D/admin-token              the bootstrap admin API token, tma_... (0600; only on the bootstrapping member)
+    D/bootstrap-pending.json   InitializeMesh + CreateApiToken until applied (0600; see coord/bootstrap.py)
+    D/api-address              this coordinator's advertised public API address (for local clients)
+    D/relay.key                relay key (X25519, 0600): nodes seal their relay hellos to it (coord/relay.py)
     D/raft/                    SqliteStorage: Raft log, hard state, snapshots, identity (cluster, member,
                                storage id)
 
@@ -38,13 +42,26 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nacl.public
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tunnelmesh import pki
+from tunnelmesh import client, hostaddr, pki
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
-from tunnelmesh.api.v1 import admin_pb2, admin_pb2_grpc, cluster_pb2, cluster_pb2_grpc, kv_pb2, kv_pb2_grpc
-from tunnelmesh.coord import discovery
+from tunnelmesh.api.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    cluster_pb2,
+    cluster_pb2_grpc,
+    kv_pb2,
+    kv_pb2_grpc,
+    node_pb2,
+)
+from tunnelmesh.coord import auth, bootstrap, discovery, node_api, relay
+from tunnelmesh.coord import http as coord_http
+from tunnelmesh.coord.bootstrap import MeshOptions
 from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode_snapshot
 from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
 from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage
@@ -79,6 +96,12 @@ class CoordOptions:
     max_voters: int = 5
     driver: DriverOptions = field(default_factory=DriverOptions)
     join_timeout: float = 60.0
+    # Mesh settings proposed once by a bootstrapping coordinator (--mesh-domain, --mesh-prefix).
+    mesh: MeshOptions = field(default_factory=MeshOptions)
+    admin_token: str | None = field(default=None, repr=False)  # coord.admin_token; None: generate one
+    # UDP reflector + blind relay, and HTTP (/metrics, /healthz, /readyz, /relay WebSocket); None disables.
+    relay_listen: str | None = "0.0.0.0:8443"
+    http_listen: str | None = "0.0.0.0:8080"
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -86,12 +109,25 @@ def _split(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _advertised(addr: str, advertise_host: str | None) -> str:
+_WILDCARD = ("", "0.0.0.0", "::")
+
+
+def _default_advertise_host(opts: CoordOptions) -> str:
+    """The host advertised for listeners bound to a wildcard address: ``--advertise-host``, else the API
+    listener's own host if it is specific (so relay and HTTP addresses follow it), else the address of the
+    default route, else what the host name resolves to."""
+    if opts.advertise_host:
+        return opts.advertise_host
+    host, _ = _split(opts.listen)
+    if host not in _WILDCARD:
+        return host
+    return hostaddr.reachable_address() or socket.gethostbyname(socket.gethostname())
+
+
+def _advertised(addr: str, advertise_host: str) -> str:
     host, port = _split(addr)
-    if advertise_host:
+    if host in _WILDCARD:
         host = advertise_host
-    elif host in ("", "0.0.0.0", "::"):
-        host = socket.gethostbyname(socket.gethostname())
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -122,8 +158,12 @@ class CoordinatorProcess:
     def __init__(self, opts: CoordOptions) -> None:
         self.opts = opts
         self.data_dir = Path(opts.data_dir)
-        self.api_address = _advertised(opts.listen, opts.advertise_host)
-        self.raft_address = _advertised(opts.raft_listen, opts.advertise_host)
+        host = _default_advertise_host(opts)
+        self.api_address = _advertised(opts.listen, host)
+        self.raft_address = _advertised(opts.raft_listen, host)
+        self.relay_udp_address = _advertised(opts.relay_listen, host) if opts.relay_listen else ""
+        self.relay_ws_url = f"ws://{_advertised(opts.http_listen, host)}/relay" if opts.http_listen else ""
+        self._relay_key: nacl.public.PrivateKey | None = None
         self._join_members: list[str] = []
         self._needs_join = False
 
@@ -147,7 +187,7 @@ class CoordinatorProcess:
                 self._needs_join = True
                 if self.opts.seeds:
                     with contextlib.suppress(CoordError):
-                        resp = await self._fetch_bundle(list(self.opts.seeds))
+                        resp, _ = await self._fetch_bundle(list(self.opts.seeds))
                         self._join_members = [resp.raft_address, *resp.member_raft_addresses]
             return storage
         if self.opts.bootstrap:
@@ -190,6 +230,10 @@ class CoordinatorProcess:
         secret_path = d / JOIN_SECRET_FILE
         if not secret_path.exists():
             _write_secret(secret_path, self.opts.join_secret or secrets.token_urlsafe(32))
+        try:  # before the store: a bootstrap that fails here can simply be run again
+            token_path = bootstrap.prepare(d, self.opts.mesh, admin_token=self.opts.admin_token)
+        except bootstrap.BootstrapError as exc:
+            raise CoordError(str(exc)) from None
         member_id = new_member_id()
         storage = SqliteStorage.open(d / RAFT_DIR, create=True, cluster_id=cluster_id, member_id=member_id)
         me = self._member(member_id, storage.identity.storage_id)
@@ -203,6 +247,7 @@ class CoordinatorProcess:
         )
         secret = secret_path.read_text().strip()
         log.info("event=cluster_bootstrapped cluster=%s member=%x", cluster_id, member_id)
+        print(f"Admin API token (for the tunnelmesh CLI; keep it secret): {token_path}", flush=True)
         print(
             f"Bootstrapped cluster {cluster_id} (member {member_label(member_id)}).\n"
             f"Join secret (also in {secret_path}): {secret}\n"
@@ -220,11 +265,17 @@ class CoordinatorProcess:
                 f"was "
                 f"printed at bootstrap and is in <data-dir>/{JOIN_SECRET_FILE} on every coordinator)"
             )
-        resp = await self._fetch_bundle(seeds)
+        resp, served_ca_pem = await self._fetch_bundle(seeds)
         try:
             ca = pki.import_cluster_bundle(resp.bundle, secret)
         except pki.PkiError as exc:
             raise CoordError(f"cannot open the cluster bundle from {seeds}: {exc}") from None
+        if ca.certificate_pem != served_ca_pem:
+            raise CoordError(
+                f"the cluster bundle from {seeds} holds CA {ca.fingerprint}, but the seed's TLS connection "
+                f"was signed by {pki.ca_fingerprint(x509.load_pem_x509_certificate(served_ca_pem))}: "
+                f"refusing (a machine in the middle, or a seed of another cluster)"
+            )
         if ca.cluster_id is not None and ca.cluster_id != resp.cluster_id:
             raise CoordError(f"the bundle's CA belongs to cluster {ca.cluster_id}, not {resp.cluster_id}")
         d = self.data_dir
@@ -242,16 +293,28 @@ class CoordinatorProcess:
         log.info("event=join_prepared cluster=%s member=%x", resp.cluster_id, member_id)
         return storage
 
-    async def _fetch_bundle(self, seeds: list[str]) -> cluster_pb2.GetJoinBundleResponse:
+    async def _fetch_bundle(self, seeds: list[str]) -> tuple[cluster_pb2.GetJoinBundleResponse, bytes]:
+        """The join bundle and the CA certificate (PEM) of the TLS connection it came over.
+
+        A joining coordinator has no CA yet: it takes the CA the seed serves (unverified), talks TLS with it,
+        and :meth:`_prepare_join` accepts the result only if the CA inside the bundle, which only the join
+        secret opens, is that same CA (the secret authenticates the CA after the fact)."""
         errors = []
         for seed in seeds:
-            async with grpc.aio.insecure_channel(seed) as ch:
+            host, port = _split(seed)
+            try:
+                chain = await asyncio.to_thread(pki.fetch_server_chain, host, port)
+                ca_pem = pki.served_ca(chain, seed).public_bytes(serialization.Encoding.PEM)
+            except pki.PkiError as exc:
+                errors.append(str(exc))
+                continue
+            async with client.open_channel(seed, ca_pem=ca_pem) as ch:
                 stub = cluster_pb2_grpc.ClusterJoinServiceStub(ch)
                 try:
                     resp: cluster_pb2.GetJoinBundleResponse = await stub.GetJoinBundle(
                         cluster_pb2.GetJoinBundleRequest(cluster_id=self.opts.cluster_id or ""), timeout=5.0
                     )
-                    return resp
+                    return resp, ca_pem
                 except grpc.aio.AioRpcError as exc:
                     errors.append(f"{seed}: {exc.code().name} {exc.details()}")
         raise CoordError("no seed answered with the cluster bundle:\n  " + "\n  ".join(errors))
@@ -263,7 +326,42 @@ class CoordinatorProcess:
             raft_address=self.raft_address,
             api_address=self.api_address,
             storage_id=storage_id,
+            relay_udp_address=self.relay_udp_address,
+            relay_ws_url=self.relay_ws_url,
+            relay_public_key=bytes(self.relay_key().public_key),
         )
+
+    def relay_key(self) -> nacl.public.PrivateKey:
+        """``D/relay.key``, created on first use (the data dir exists by the time a member is described)."""
+        if self._relay_key is None:
+            self._relay_key = relay.load_relay_key(self.data_dir)
+        return self._relay_key
+
+    async def _start_relay(self, driver: Driver) -> contextlib.AsyncExitStack:
+        """The UDP reflector/relay and the HTTP port, sharing one relay hub; closed with the returned stack.
+        Relay hellos are accepted from registered nodes of the applied state only."""
+        stack = contextlib.AsyncExitStack()
+        if not (self.opts.relay_listen or self.opts.http_listen):
+            return stack
+        try:
+            hub = relay.RelayHub(
+                self.relay_key(), lambda key: driver.state.node_by_public_key(key) is not None
+            )
+            stack.callback(hub.close)
+            if self.opts.relay_listen:
+                udp = relay.RelayServer(hub, self.opts.relay_listen)
+                await udp.start()
+                stack.push_async_callback(udp.stop)
+            if self.opts.http_listen:
+                web = coord_http.HttpServer(
+                    self.opts.http_listen, hub=hub, ready=coord_http.driver_readiness(driver.status)
+                )
+                await web.start()
+                stack.push_async_callback(web.stop)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return stack
 
     # -- joining ---------------------------------------------------------------------------------------------
 
@@ -355,9 +453,20 @@ class CoordinatorProcess:
             options=self.opts.driver,
         )
         me = self._member(member_id, ident.storage_id)
-        coord = Coordinator(driver, self_member=me, join_bundle=bundle, max_voters=self.opts.max_voters)
+        coord = Coordinator(
+            driver,
+            self_member=me,
+            join_bundle=bundle,
+            max_voters=self.opts.max_voters,
+            ca_fingerprint=ca.fingerprint if ca is not None else "",
+        )
         await driver.start()
-        public = await self._start_public(coord)
+        public = await self._start_public(coord, creds)
+        edge = await self._start_relay(driver)
+        # For local clients (`--data-dir D`): where this coordinator's API is.
+        tmp = self.data_dir / f".{client.API_ADDRESS_FILE}.tmp"
+        tmp.write_text(self.api_address + "\n")
+        tmp.replace(self.data_dir / client.API_ADDRESS_FILE)
         log.info(
             "event=coordinator_started cluster=%s member=%x api=%s raft=%s",
             cluster_id,
@@ -382,6 +491,7 @@ class CoordinatorProcess:
         finally:
             if announcer is not None:
                 await announcer.stop()
+            await edge.aclose()
             await public.stop(grace=0.5)
 
     async def _announce(self, cluster_id: str, member_id: int) -> Any:
@@ -412,32 +522,55 @@ class CoordinatorProcess:
             tasks = [
                 tg.create_task(driver.run(), name="raft-driver"),
                 tg.create_task(coord.membership_loop(), name="membership"),
+                tg.create_task(self.node_api.liveness_loop(), name="node-liveness"),
             ]
             if self._needs_join:
                 tasks.append(tg.create_task(self._join(driver, me), name="join"))
+            if (self.data_dir / bootstrap.PENDING_FILE).exists():
+                actor = f"coordinator:{member_label(me.member_id)}"
+                pending = bootstrap.propose_pending(self.data_dir, coord.write, actor=actor)
+                tasks.append(tg.create_task(pending, name="bootstrap-commands"))
             await stop.wait()
             log.info("event=coordinator_stopping")
             for t in tasks:
                 t.cancel()
 
-    async def _start_public(self, coord: Coordinator) -> grpc.aio.Server:
-        server = grpc.aio.server()
+    async def _start_public(self, coord: Coordinator, creds: pki.CoordinatorCredentials) -> grpc.aio.Server:
+        # API tokens and roles for every service but the open ones (coord/auth.py); fail closed.
+        authenticator = auth.ApiTokenAuthenticator(
+            lambda: coord.driver.state, read_barrier=coord.read_barrier
+        )
+        protected = [
+            kv_pb2.DESCRIPTOR.services_by_name["KvService"],
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+        ]
+        server = grpc.aio.server(interceptors=[auth.ApiTokenInterceptor(authenticator, protected)])
         kv_pb2_grpc.add_KvServiceServicer_to_server(KvServicer(coord), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(coord), server)
         cluster_pb2_grpc.add_ClusterJoinServiceServicer_to_server(ClusterJoinServicer(coord), server)
+        # NodeService authenticates its callers itself (join token, node token), so it is not in `protected`.
+        self.node_api = node_api.NodeServicer(
+            coord, ca=creds.ca, ca_pem=creds.trust_pem, relay_key=self.relay_key()
+        )
+        node_api.add_to_server(self.node_api, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = [
             kv_pb2.DESCRIPTOR.services_by_name["KvService"].full_name,
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
             cluster_pb2.DESCRIPTOR.services_by_name["ClusterJoinService"].full_name,
+            node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, server)
-        server.add_insecure_port(self.opts.listen)
+        # Server-authenticated TLS; the chain is leaf + CA so that a node can fetch the CA and check it
+        # against its join token's pin (pki.fetch_pinned_ca). Clients authenticate with bearer tokens.
+        server.add_secure_port(
+            self.opts.listen, pki.server_credentials(creds.identity, require_client_auth=False)
+        )
         await server.start()
-        for n in ["", *names[:3]]:
+        for n in ["", *names[:4]]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
         return server
 
