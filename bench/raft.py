@@ -25,8 +25,11 @@ of them.
 Fairness: both systems are driven by the same client stack, Python ``grpc.aio`` with protobuf stubs (for
 etcd, stubs generated at start from ``bench/etcd_kv.proto`` into the temporary directory: no third-party
 etcd library), and the clients run in separate processes (one per 64 clients) so the client's GIL does not
-starve a server. Clients send to the leader of each cluster (``--target follower`` or ``all``: to the
-followers, or to every member; followers forward), over one TCP connection per 16 clients. The servers,
+starve a server. Both are served over TLS (etcd with a certificate from a throwaway CA made at start, as a
+production etcd would be); one difference remains, against TunnelMesh: it checks a bearer token per call,
+while etcd runs without auth. Clients send to the leader of each cluster (``--target follower``
+or ``all``: to the followers, or to every member; followers forward), over one TCP connection per 16
+clients. The servers,
 the clients and everything else on the machine share its CPUs: on a 2-core machine the Python coordinators
 and etcd compete with the Python clients for the same cores, equally for both systems, and a saturated
 client stack caps both (see the client CPU figures).
@@ -193,16 +196,25 @@ async def _sleep_until(t: float) -> None:
     await asyncio.sleep(max(0.0, t - time.monotonic()))
 
 
-async def _worker(spec: dict[str, Any]) -> None:
+def _channel(spec: dict[str, Any], addr: str) -> Any:
+    """Both over TLS: etcd with a certificate from a throwaway CA (``etcd_ca``), TunnelMesh with its cluster
+    CA and c1's admin token (its public API has no plaintext port)."""
     import grpc
 
+    if not spec.get("data_dir"):
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(spec["etcd_ca"]).read_bytes())
+        return grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+    from tunnelmesh.client import open_channel, resolve_profile
+
+    profile = resolve_profile(coordinators=addr, data_dir=Path(spec["data_dir"]), env={})
+    return open_channel(addr, ca_pem=profile.ca_pem, token=profile.token, options=CHANNEL_OPTIONS)
+
+
+async def _worker(spec: dict[str, Any]) -> None:
     system, mode = spec["system"], spec["mode"]
     value = b"v" * spec["value_size"]
     prefix = spec["prefix"]
-    channels = [
-        grpc.aio.insecure_channel(spec["endpoints"][i % len(spec["endpoints"])], options=CHANNEL_OPTIONS)
-        for i in range(spec["conns"])
-    ]
+    channels = [_channel(spec, spec["endpoints"][i % len(spec["endpoints"])]) for i in range(spec["conns"])]
     try:
         async with asyncio.timeout(30):
             for ch in channels:
@@ -406,6 +418,7 @@ class Member:
     client_addr: str
     proc: subprocess.Popen[Any]
     log_path: Path
+    metrics_url: str = ""
 
 
 def pick_endpoints(system: str, target: str, lead: str | None, members: list[Member]) -> list[str]:
@@ -435,19 +448,24 @@ class EtcdCluster:
 
     async def start(self, limit_s: float = 60.0) -> None:
         self.dir.mkdir(parents=True)
-        ports = free_ports(6)
+        cert, key = self._tls_files()
+        ports = free_ports(9)
         names = [f"e{i + 1}" for i in range(3)]
         peer = {n: f"http://127.0.0.1:{ports[3 + i]}" for i, n in enumerate(names)}
         initial = ",".join(f"{n}={u}" for n, u in peer.items())
         token = f"bench-{os.getpid()}-{time.time_ns()}"
         for i, n in enumerate(names):
-            client = f"http://127.0.0.1:{ports[i]}"
+            client = f"https://127.0.0.1:{ports[i]}"
+            metrics = f"http://127.0.0.1:{ports[6 + i]}"
             argv = [
                 ETCD_BIN,
                 f"--name={n}",
                 f"--data-dir={self.dir / n}",
                 f"--listen-client-urls={client}",
                 f"--advertise-client-urls={client}",
+                f"--cert-file={cert}",
+                f"--key-file={key}",
+                f"--listen-metrics-urls={metrics}",
                 f"--listen-peer-urls={peer[n]}",
                 f"--initial-advertise-peer-urls={peer[n]}",
                 f"--initial-cluster={initial}",
@@ -457,7 +475,9 @@ class EtcdCluster:
                 "--log-level=warn",
             ]
             lp = self.dir / f"{n}.log"
-            self.members.append(Member(n, f"127.0.0.1:{ports[i]}", self.procs.spawn(argv, lp), lp))
+            self.members.append(
+                Member(n, f"127.0.0.1:{ports[i]}", self.procs.spawn(argv, lp), lp, f"{metrics}/metrics")
+            )
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             self._check_alive()
@@ -466,6 +486,23 @@ class EtcdCluster:
             await asyncio.sleep(0.2)
         raise BenchError(f"etcd: no leader within {limit_s:.0f}s; logs in {self.dir}")
 
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def _tls_files(self) -> tuple[Path, Path]:
+        """A throwaway CA and a server certificate for 127.0.0.1: etcd is reached over TLS, as TunnelMesh."""
+        from tunnelmesh import pki
+
+        ca = pki.create_ca("etcd-bench")
+        ident = pki.issue_coordinator_identity(ca, "etcd-bench", "e", ip_addresses=["127.0.0.1"])
+        self.ca_file.write_bytes(ca.certificate_pem)
+        cert, key = self.dir / "server.crt", self.dir / "server.key"
+        cert.write_bytes(ident.chain_pem)
+        key.write_bytes(ident.private_key_pem())
+        key.chmod(0o600)
+        return cert, key
+
     def _check_alive(self) -> None:
         for m in self.members:
             if m.proc.poll() is not None:
@@ -473,7 +510,7 @@ class EtcdCluster:
 
     async def _metrics(self, m: Member) -> str:
         def get() -> str:
-            with urllib.request.urlopen(f"http://{m.client_addr}/metrics", timeout=2.0) as r:
+            with urllib.request.urlopen(m.metrics_url, timeout=2.0) as r:
                 return str(r.read().decode())
 
         try:
@@ -542,6 +579,11 @@ class TunnelMeshCluster:
             f"127.0.0.1:{raft}",
             "--name",
             name,
+            # Three coordinators share this host: no relay/HTTP ports (their defaults would collide).
+            "--relay-listen",
+            "off",
+            "--http-listen",
+            "off",
             *extra,
         ]
         lp = self.dir / f"{name}.log"
@@ -601,7 +643,7 @@ class TunnelMeshCluster:
         for m in self.members:
             if m.proc.poll() is not None:
                 continue
-            async with grpc.aio.insecure_channel(m.client_addr) as ch:
+            async with _channel({"data_dir": str(self.dir / "c1")}, m.client_addr) as ch:
                 try:
                     return await admin_pb2_grpc.AdminServiceStub(ch).GetClusterStatus(
                         admin_pb2.GetClusterStatusRequest(), timeout=3.0
@@ -781,6 +823,8 @@ class PhaseRunner:
                 "duration": cfg.duration,
                 "value_size": cfg.value_size,
                 "prefix": f"bench/{self.run_id}/{mode}/{clients}/{self.seq}/{i}/",
+                "data_dir": str(cluster.dir / "c1") if isinstance(cluster, TunnelMeshCluster) else "",
+                "etcd_ca": str(cluster.ca_file) if isinstance(cluster, EtcdCluster) else "",
             }
             workers.append(self._spawn_worker(spec))
         loop = asyncio.get_running_loop()
