@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import os
 import secrets
 import shlex
-import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import nacl.public
 import nacl.signing
 
 from tunnelmesh.errors import IdentityError
+from tunnelmesh.fsutil import FileTooLargeError, NotRegularFileError, read_regular_file, write_atomic
 
 __all__ = [
     "KEY_FILE_MODE",
@@ -157,15 +156,6 @@ def _decode_key(text: str | bytes, source: str, kind: str) -> bytes:
 # Files
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_private_key(
     identity: NodeIdentity, path: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
@@ -184,34 +174,14 @@ def save_private_key(
             f"{target}: a key already exists; it is this node's identity. Move it away first if you really "
             f"want a new one (the node must then re-register)"
         )
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    data = (identity.private_key_b64() + "\n").encode("ascii")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, KEY_FILE_MODE)
-    except OSError as exc:
-        raise IdentityError(f"{target}: cannot create key file: {exc.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, KEY_FILE_MODE)  # the mode given to open() is only an upper bound under a umask
-            data = (identity.private_key_b64() + "\n").encode("ascii")
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            # link() fails if the target appeared meanwhile: never clobber a concurrent writer's key.
-            os.link(tmp, target)
-            os.unlink(tmp)
-        _fsync_dir(target.parent)
+        # Without overwrite the file is linked into place: a concurrent writer's key is never clobbered.
+        write_atomic(target, data, KEY_FILE_MODE, overwrite=overwrite)
     except FileExistsError:
         raise IdentityError(f"{target}: a key was created concurrently; load it instead") from None
     except OSError as exc:
         raise IdentityError(f"{target}: cannot write key file: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return target
 
 
@@ -219,8 +189,7 @@ def _read_key_file(path: Path, what: str) -> tuple[bytes, int]:
     """Read a (small) key file; returns its bytes and permission bits, taken from the open file so the file
     cannot be swapped between the check and the read."""
     try:
-        # O_NONBLOCK: a FIFO at the key path must produce an error below, not hang the node at startup.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return read_regular_file(path, 64 * 1024)
     except FileNotFoundError:
         raise IdentityError(
             f"{path}: {what} not found; create one with `tunnelmesh node keygen` or fix the path"
@@ -229,20 +198,14 @@ def _read_key_file(path: Path, what: str) -> tuple[bytes, int]:
         raise IdentityError(
             f"{path}: permission denied reading the {what}; run as its owner or as root"
         ) from None
+    except NotRegularFileError:
+        raise IdentityError(f"{path}: the {what} must be a regular file") from None
+    except FileTooLargeError as exc:
+        raise IdentityError(
+            f"{path}: {exc.size} bytes is far too large for a {what}; check the path"
+        ) from None
     except OSError as exc:
         raise IdentityError(f"{path}: cannot open the {what}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"{path}: the {what} must be a regular file")
-        if st.st_size > 64 * 1024:
-            raise IdentityError(f"{path}: {st.st_size} bytes is far too large for a {what}; check the path")
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks), stat.S_IMODE(st.st_mode)
-    finally:
-        os.close(fd)
 
 
 def _require_private_mode(path: Path, what: str, mode: int) -> None:

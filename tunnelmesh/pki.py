@@ -42,7 +42,6 @@ listen on both). See docs/security.md.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import hmac
@@ -50,7 +49,6 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import socket
 import ssl
 import stat
@@ -70,6 +68,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tunnelmesh.errors import TunnelMeshError
+from tunnelmesh.fsutil import FileTooLargeError, NotRegularFileError, read_regular_file, write_atomic
 
 if TYPE_CHECKING:
     from tunnelmesh.config import TlsConfig
@@ -454,14 +453,6 @@ def _chains_to(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certifi
 # Files
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
     """Write atomically with ``mode`` (temp file, fsync, rename): a crash never leaves a torn or
     world-readable key. Without ``overwrite`` an existing file is never replaced, even by a racing writer."""
@@ -471,57 +462,32 @@ def _write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
         raise PkiError(f"{path.parent}: cannot create directory: {exc.strerror}") from None
     if not overwrite and path.exists():
         raise PkiError(f"{path}: already exists; refusing to replace it")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        try:
-            os.fchmod(fd, mode)  # open()'s mode is filtered by the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the file appeared meanwhile
-        _fsync_dir(path.parent)
+        write_atomic(path, data, mode, overwrite=overwrite)
     except FileExistsError:
         raise PkiError(f"{path}: was created concurrently; refusing to replace it") from None
     except OSError as exc:
         raise PkiError(f"{path}: cannot write: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _read_file(path: Path, what: str, *, private: bool) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data, mode = read_regular_file(path, 1024 * 1024)
     except FileNotFoundError:
         raise PkiError(f"{path}: {what} not found") from None
+    except NotRegularFileError:
+        raise PkiError(f"{path}: the {what} must be a regular file") from None
+    except FileTooLargeError as exc:
+        raise PkiError(f"{path}: {exc.size} bytes is far too large for a {what}; check the path") from None
     except OSError as exc:
         raise PkiError(f"{path}: cannot open the {what}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PkiError(f"{path}: the {what} must be a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        # As OpenSSH: a private key others can read may already be leaked; one others can write is not ours.
-        if private and mode & 0o077:
-            raise PkiError(
-                f"{path}: the {what} is accessible by group or others (mode {mode:04o}); "
-                f"fix with chmod 600 {path}"
-            )
-        if st.st_size > 1024 * 1024:
-            raise PkiError(f"{path}: {st.st_size} bytes is far too large for a {what}; check the path")
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    # As OpenSSH: a private key others can read may already be leaked; one others can write is not ours.
+    if private and mode & 0o077:
+        raise PkiError(
+            f"{path}: the {what} is accessible by group or others (mode {mode:04o}); "
+            f"fix with chmod 600 {path}"
+        )
+    return data
 
 
 def _load_key(path: Path, what: str, *, operator_supplied: bool = False) -> TlsKey:

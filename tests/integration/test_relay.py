@@ -16,19 +16,18 @@ import os
 import secrets
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import nacl.public
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.integration.blocking import LoopThread, wait_for
 from tests.interop.dataplane_helpers import ROOT, tcp_transfer
 from tunnelmesh import client, identity, keyproof, tokens
 from tunnelmesh.api.v1 import common_pb2, node_pb2, node_pb2_grpc, state_pb2
@@ -50,33 +49,8 @@ pytestmark = [
     pytest.mark.timeout(180),
 ]
 
-T = TypeVar("T")
 ANSWER_WAIT = 5.0  # a reply that must come: patient with a loaded machine
 SILENCE_WAIT = 0.5  # a reply that must not come
-
-
-class LoopThread:
-    """An asyncio loop in a thread: the coordinator side runs there while the test body blocks."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="coord-loop", daemon=True)
-        self._thread.start()
-
-    def run(self, fn: Callable[[], Any], timeout: float = 15.0) -> Any:
-        async def call() -> Any:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(call(), self.loop)
-        return fut.result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
 
 
 class TappingHub(relay.RelayHub):
@@ -140,7 +114,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ):
             lan = lab.lan(f"home-{name}", subnet)
             homes[name] = (lab.host(name, lan), lab.router(f"r-{name}", wan=inet, lan=lan, nat=nat))
-        loop = LoopThread()
+        loop = LoopThread("coord", timeout=15.0)
         registered: set[bytes] = set()
         hub = TappingHub(relay.generate_key(), registered.__contains__, registry=CollectorRegistry())
         server = relay.RelayServer(hub, f"{c.ip}:0")
@@ -172,17 +146,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             loop.run(http.stop)
             loop.run(server.stop)
             loop.close()
-
-
-def wait_for(cond: Callable[[], T], what: str, timeout: float = ANSWER_WAIT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def recv_or_none(sock: socket.socket, wait: float) -> bytes | None:
@@ -240,6 +203,7 @@ def test_malformed_reflect_requests_get_nothing_and_are_counted(world: World) ->
             and delta("bad_header") == 1
         ),
         "the six malformed requests to be counted",
+        timeout=ANSWER_WAIT,
     )
 
 
@@ -279,6 +243,7 @@ def test_a_registered_node_is_bound_and_bad_hellos_are_refused_and_counted(world
     wait_for(
         lambda: {r: world.hub.dropped(r) - before.get(r, 0) for r in expected} == expected,
         f"refused hellos counted as {expected}",
+        timeout=ANSWER_WAIT,
     )
     assert world.hub.bindings().get(bytes(node.public_key)) == "udp"
     assert bytes(stranger.public_key) not in world.hub.bindings()

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from tunnelmesh.api.v1 import node_pb2
 from tunnelmesh.errors import ConfigError
+from tunnelmesh.metrics import by_label, counter_family
 from tunnelmesh.node.dns_wire import (
     AAAA,
     CLASS_ANY,
@@ -612,12 +613,9 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         r = self.resolver
-        queries = CounterMetricFamily(
-            "tunnelmesh_dns_queries", "Mesh DNS queries received, by result", labels=["result"]
+        yield counter_family(
+            "tunnelmesh_dns_queries", "Mesh DNS queries received, by result", ["result"], by_label(r.queries)
         )
-        for result, n in sorted(r.queries.items()):
-            queries.add_metric([result], n)
-        yield queries
         yield CounterMetricFamily(
             "tunnelmesh_dns_truncated",
             "UDP answers sent truncated (TC) so the client retries over TCP",
@@ -628,14 +626,12 @@ class _Collector(Collector):
             "TCP connections closed at once because the connection limit was reached",
             value=r.tcp_refused,
         )
-        rejected = CounterMetricFamily(
+        yield counter_family(
             "tunnelmesh_dns_rejected_records",
             "Records skipped from DNS config updates, by reason",
-            labels=["reason"],
+            ["reason"],
+            by_label(r.rejected_records),
         )
-        for reason, n in sorted(r.rejected_records.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
         yield GaugeMetricFamily(
             "tunnelmesh_dns_records",
             "Records the resolver currently answers from",

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from tunnelmesh.config import split_host_port
 from tunnelmesh.coord import relay as wire
 from tunnelmesh.identity import fingerprint
+from tunnelmesh.metrics import by_label, counter_family, gauge_family
 
 log = logging.getLogger(__name__)
 
@@ -566,26 +567,25 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self._client.stats
-        pk = CounterMetricFamily(
-            "tunnelmesh_node_relay_packets", "Datagrams through coordinator relays.", labels=["direction"]
+        yield counter_family(
+            "tunnelmesh_node_relay_packets",
+            "Datagrams through coordinator relays.",
+            ["direction"],
+            [(("tx",), s.tx_packets), (("rx",), s.rx_packets)],
         )
-        pk.add_metric(["tx"], s.tx_packets)
-        pk.add_metric(["rx"], s.rx_packets)
-        yield pk
-        dropped = CounterMetricFamily(
+        yield counter_family(
             "tunnelmesh_node_relay_dropped",
             "Relay datagrams dropped by this node, by reason.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(s.dropped.items()):
-            dropped.add_metric([reason], n)
-        yield dropped
-        gauge = GaugeMetricFamily(
-            "tunnelmesh_node_relay_upstream_up",
-            "1 while a coordinator acknowledges our relay hello on a transport.",
-            labels=["coordinator", "transport"],
+            ["reason"],
+            by_label(s.dropped),
         )
         now = time.monotonic()
-        for (cid, transport), up in sorted(self._client._upstreams.items()):
-            gauge.add_metric([cid, transport], 1.0 if up.up(now) else 0.0)
-        yield gauge
+        yield gauge_family(
+            "tunnelmesh_node_relay_upstream_up",
+            "1 while a coordinator acknowledges our relay hello on a transport.",
+            ["coordinator", "transport"],
+            [
+                ((cid, transport), 1.0 if up.up(now) else 0.0)
+                for (cid, transport), up in sorted(self._client._upstreams.items())
+            ],
+        )

@@ -89,6 +89,7 @@ from tunnelmesh.coord.raft.messages import (
     SnapshotMetadata,
     entry_size,
 )
+from tunnelmesh.fsutil import fsync_dir, write_all_synced
 
 log = logging.getLogger(__name__)
 
@@ -223,27 +224,16 @@ def _snapshot_file_name(index: int, term: int) -> str:
     return f"{SNAPSHOT_PREFIX}{index:020d}-{term:020d}{SNAPSHOT_SUFFIX}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file_durably(directory: Path, name: str, data: bytes) -> None:
     """temp + fsync + rename + fsync(dir): after a crash the file holds exactly ``data`` or does not exist."""
     tmp = directory / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_all_synced(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, directory / name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 # -- the in-memory shape of the log --------------------------------------------------------------------------
@@ -341,7 +331,7 @@ class SqliteStorage:
                     "with create=True to start a new member"
                 )
             path.mkdir(parents=True, mode=0o700)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         elif not path.is_dir():
             raise DataDirError(f"raft data dir {path} exists but is not a directory")
         lock_fd = _lock_data_dir(path)
@@ -360,7 +350,7 @@ class SqliteStorage:
             conn = _connect(db_path)
             created = _ensure_schema(conn, db_path, create)
             if created:
-                _fsync_dir(path)
+                fsync_dir(path)
             store = cls._load(path, conn, lock_fd, cluster_id, member_id, verify_all)
             store._remove_orphan_snapshot_files()
         except BaseException:
@@ -805,7 +795,7 @@ class SqliteStorage:
                 self._discard_file(p.name)
                 removed = True
         if removed:
-            _fsync_dir(self.data_dir)
+            fsync_dir(self.data_dir)
 
     def _corrupt_read(self, index: int) -> None:
         raise StorageCorruptError(
