@@ -13,6 +13,9 @@ Fairness: Debian's wireguard-go keeps the system's default UDP buffers, so it is
 raises its own buffers (``SO_*BUFFORCE``).
 
     sudo python bench/dataplane.py [--duration 5] [--repeat 1] [--loss 1.0] [--json FILE]
+    sudo python bench/dataplane.py --ping-only --repeat 5   # latency rounds only, same setup
+
+``ping_cpu`` is the CPU % each tunnel process used during the ping run (what idle-time latency costs).
 
 Needs root, iperf3, wireguard-go and wg.
 """
@@ -219,10 +222,18 @@ class TunnelMesh(Path_):
         return [p.pid for p in self.procs]
 
 
-def measure(path: Path_, a: Host, b: Host, seconds: float) -> dict[str, Any]:
+def measure(path: Path_, a: Host, b: Host, seconds: float, ping_only: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {}
+    pids = path.pids()
+    before = [cpu_seconds(p) for p in pids]
+    t0 = time.monotonic()
     res["ping_ms"] = ping_ms(a, path.dst)
-    for streams in (1, 4):
+    if pids:  # what idle-time latency costs (e.g. busy polling): CPU % per side during the ping run
+        elapsed = time.monotonic() - t0
+        res["ping_cpu"] = [
+            round(100 * (cpu_seconds(p) - x) / elapsed, 1) for p, x in zip(pids, before, strict=True)
+        ]
+    for streams in () if ping_only else (1, 4):
         pids = path.pids()
         before = [cpu_seconds(p) for p in pids]
         t0 = time.monotonic()
@@ -243,6 +254,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all paths; the median is reported")
     ap.add_argument("--loss", type=float, default=1.0, help="percent loss for the lossy run (0: skip it)")
     ap.add_argument("--paths", default="veth,wireguard-go,tunnelmesh")
+    ap.add_argument(
+        "--ping-only",
+        action="store_true",
+        help="same setup and ping, no iperf3 (quick latency rounds; combine with --repeat)",
+    )
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -265,8 +281,8 @@ def main() -> int:
                 path.start()
                 try:
                     time.sleep(0.5)
-                    res = measure(path, a, b, args.duration)
-                    if args.loss > 0:
+                    res = measure(path, a, b, args.duration, args.ping_only)
+                    if args.loss > 0 and not args.ping_only:
                         lab.set_loss(a, args.loss)
                         try:
                             res["loss_tcp1_gbps"] = iperf3(a, b, path.dst, args.duration, 1) / 1e9
@@ -328,14 +344,19 @@ def _print(
     print()
     print(
         f"{'path':<14}{'1 stream':>10}{'4 streams':>11}{'ping ms':>9}{f'{args.loss:g}% loss':>10}"
-        f"   CPU % per side (1 stream | 4 streams)"
+        f"   CPU % per side (1 stream | 4 streams | ping)"
     )
     for n, r in summary.items():
         cpu = ""
         if "tcp1_cpu" in r:
             cpu = f"   {'/'.join(map(str, r['tcp1_cpu']))} | {'/'.join(map(str, r['tcp4_cpu']))}"
+        if "ping_cpu" in r:
+            cpu += f"{'   ' if not cpu else ' | '}ping {'/'.join(map(str, r['ping_cpu']))}"
         loss = f"{r['loss_tcp1_gbps']:10.3f}" if "loss_tcp1_gbps" in r else f"{'-':>10}"
-        print(f"{n:<14}{r['tcp1_gbps']:10.3f}{r['tcp4_gbps']:11.3f}{r['ping_ms']:9.3f}{loss}{cpu}")
+        tcp = "".join(
+            f"{r[k]:{w}.3f}" if k in r else f"{'-':>{w}}" for k, w in (("tcp1_gbps", 10), ("tcp4_gbps", 11))
+        )
+        print(f"{n:<14}{tcp}{r['ping_ms']:9.3f}{loss}{cpu}")
     print("(throughput in Gbit/s)")
     for name, vals in ratios.items():
         print(f"{name:<26}" + "  ".join(f"{k}={v:.2f}" for k, v in vals.items()))

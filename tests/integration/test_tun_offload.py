@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 import textwrap
@@ -485,6 +486,45 @@ def test_tun_introspection_and_errors(namespaces: tuple[str, str]) -> None:
             TunDevice.open("x" * 20)
 
     in_netns(ns_a, check)
+
+
+def test_hold_wakeups_masks_a_waiting_reader_until_released(namespaces: tuple[str, str]) -> None:
+    """The data plane's rx thread masks the TUN device while it writes and reads the kernel's answer itself:
+    a thread waiting in ``wait_readable`` must not wake for a packet that arrives meanwhile, and must wake
+    (nothing lost) as soon as the mask is released."""
+    ns_a, _ = namespaces
+
+    def setup() -> tuple[TunDevice, socket.socket]:
+        tun = TunDevice.open("tmth%d")
+        # No IPv6 on this device: router solicitations and MLD reports would be readable noise.
+        sh("ip", "netns", "exec", ns_a, "sysctl", "-q", "-w", f"net.ipv6.conf.{tun.name}.disable_ipv6=1")
+        tun.configure(["10.79.0.1/24"], mtu=1400)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        return tun, sock
+
+    tun, sock = in_netns(ns_a, setup)
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: tun.wait_readable(10) and woke.set(), daemon=True)
+    try:
+        while tun.read() is not None:  # anything the link sent while coming up
+            pass
+        assert not tun.wait_readable(0)
+        tun.hold_wakeups(True)
+        waiter.start()
+        sock.sendto(b"masked", ("10.79.0.2", 9))  # routed into the TUN device: now pending there
+        assert not tun.wait_readable(0.05), "readability must be masked while held"
+        assert not woke.wait(0.3), "the waiting thread woke while the mask was held"
+        tun.hold_wakeups(False)
+        assert woke.wait(5), "releasing the mask must wake the waiting thread"
+        assert tun.wait_readable(0)
+        got = tun.read()
+        assert got is not None and got[1].tobytes().endswith(b"masked")
+    finally:
+        tun.hold_wakeups(False)
+        if waiter.is_alive():
+            waiter.join(5)
+        sock.close()
+        tun.close()
 
 
 def test_kernel_refusals_degrade_cleanly_with_a_logged_reason(

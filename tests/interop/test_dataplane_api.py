@@ -159,3 +159,20 @@ def test_stop_joins_threads_and_removes_the_device(nodes: dict[str, Node]) -> No
     assert not {f"{name}-tx", f"{name}-rx", f"{name}-control"} & {t.name for t in threading.enumerate()}
     assert a.host.run(["ip", "link", "show", name], check=False).returncode != 0
     a.plane.stop()  # idempotent
+
+
+def test_settled_sessions_keep_the_timer_bookkeeping(nodes: dict[str, Node]) -> None:
+    """After the handshake, received runs of a settled session skip ``Device.receive`` (latency fast path)
+    but must still tell the timers, before anything is sent back: the sender sees its reply (no rehandshake
+    pending) and the responder owes no keepalive because it answered."""
+    a, b = nodes["a"], nodes["b"]
+    a.add_peer(b.peer_config(a, "b"))
+    b.add_peer(a.peer_config(b, "a"))
+    ping(a.host, TUN["b"], count=5)
+    ta = a.plane.device.peers[b.public].timers
+    tb = b.plane.device.peers[a.public].timers
+    deadline = time.monotonic() + 5
+    while (ta.new_handshake_at, tb.send_keepalive_at) != (None, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ta.new_handshake_at is None, "a's replies were not reported to its timers"
+    assert tb.send_keepalive_at is None, "b's timers saw its reply sent before the request received"

@@ -17,8 +17,9 @@ threads own the work; the per-packet path never touches asyncio:
   write each merge to the TUN device as one GSO super-packet. The first datagram of every (keypair, source)
   run in a batch goes through ``Device.receive``, which does the bookkeeping once per batch: key
   confirmation, timers and **roaming** (an endpoint changes only after a packet authenticated, as the core
-  reports with ``EndpointChanged``). Handshake messages (types 1-3) are copied to a bounded queue for the
-  control thread, so Diffie-Hellman work never stalls the packet path.
+  reports with ``EndpointChanged``) - unless the session is settled (current keypair, same endpoint, no
+  rekey due), when the only bookkeeping is one timers call made here. Handshake messages (types 1-3) are
+  copied to a bounded queue for the control thread, so Diffie-Hellman work never stalls the packet path.
 * **control**: handshake messages from the queue, the device's timers (rekey, retransmit, keepalives,
   persistent keepalive, key zeroing) at ``Device.next_deadline`` and live peer changes. When its queue backs
   up it sets ``Device.under_load``: initiations without a valid mac2 are then answered with cookie replies
@@ -31,7 +32,13 @@ requires). The tx thread takes ``_lock`` for a few dict reads per batch and encr
 ``_send_lock``, so the rx thread's bookkeeping and the control thread's handshakes do not wait for crypto.
 ``_tx_lock`` owns the TUN read side: the tx thread holds it per batch, and the rx thread takes it (without
 waiting) around its TUN writes, so what the kernel answers at once (echo replies, TCP ACKs) is read and sent
-by the thread that is already running instead of a freshly woken one.
+by the thread that is already running instead of a freshly woken one. Meanwhile the TUN device's
+readability is masked (``TunDevice.hold_wakeups``), so the write does not wake the tx thread either.
+
+Latency (one packet after idle, e.g. ping): a packet thread that just woke handles the first packet it
+reads before asking the kernel for more, and a read that finds its queue empty sends the thread straight to
+``wait_readable`` rather than asking again. Per round trip that is one wake-up per hop and no GIL handoff
+between the packet threads; what remains is Python's own per-packet cost (see docs/dataplane.md, Latency).
 
 Checksums (negotiated, TunnelMesh peers only): right after every handshake each side sends a *capabilities*
 message (type 0x10, encrypted and replay-checked like transport). A peer that offers ``CAP_PARTIAL_CSUM``
@@ -62,7 +69,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 from cryptography.exceptions import InvalidTag
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -75,17 +82,21 @@ from tunnelmesh.node.tun import MAX_READ, TunDevice
 from tunnelmesh.node.udp import UdpSocket, gso_runs
 from tunnelmesh.node.wg.actions import Endpoint
 from tunnelmesh.node.wg.constants import (
+    KEEPALIVE_TIMEOUT,
     MESSAGE_TRANSPORT_MIN_SIZE,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
 )
 from tunnelmesh.node.wg.crypto import TAI64N
 from tunnelmesh.node.wg.device import UNCHANGED, _Unchanged
 from tunnelmesh.node.wg.keypair import Keypair, ReplayedCounter
+from tunnelmesh.node.wg.timers import Timers
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MTU: Final = 1420
 TX_READS: Final = 16  # TUN reads per transmit batch
@@ -112,6 +123,13 @@ _SEEDED: Final = bytes((MESSAGE_TM_TRANSPORT_SEEDED,))
 _CAPS: Final = bytes((MESSAGE_TM_CAPABILITIES,))
 _GSO_LIMIT: Final = 65000
 _HANDSHAKE_TYPES: Final = frozenset((1, 2, 3))
+# An initiator's keypair this old makes a received packet start a rekey (``Device``'s keep-key-fresh rule).
+_REKEY_ON_RECEIVE_AGE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+# Control datagrams on the data-plane socket (reflection, path probes, relay framing: see node/nat.py and
+# coord/relay.py). They share the socket so NAT mappings are the tunnel's; the rx thread hands them over.
+RAW_TYPE_MIN: Final = 0x20
+RAW_TYPE_MAX: Final = 0x2F
+RawHandler = Callable[[bytes, Endpoint], None]
 
 
 def key_b64(key: bytes) -> str:
@@ -261,6 +279,7 @@ class DataPlane:
         self._tx_lock = threading.Lock()
         self._tx_pool = [bytearray(MAX_READ) for _ in range(TX_READS)]
         self._tx_views = [memoryview(b) for b in self._tx_pool]
+        self._tx_drained = False
         self._local_caps = 0
         self.errors: list[str] = []  # unexpected exceptions in worker threads (also logged)
         self.tun: TunDevice | None = None
@@ -268,6 +287,9 @@ class DataPlane:
         self._registry = registry
         self._netns_fd = -1
         self._collector: _Collector | None = None
+        self._raw_handler: RawHandler | None = None
+        self.raw_received = 0
+        self.raw_handler_errors = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -374,6 +396,47 @@ class DataPlane:
                 return False
         return True
 
+    # -- control datagrams (types 0x20-0x2F) ----------------------------------------------------------------
+
+    def send_raw(self, endpoint: Endpoint, data: bytes) -> None:
+        """Send a control datagram (type byte 0x20-0x2F) from the data-plane socket, so it leaves with the
+        tunnel's source port and NAT mapping. Raises ``DataplaneError`` if the engine is not running or the
+        send fails."""
+        udp = self.udp
+        if udp is None or self._stopped:
+            raise DataplaneError(f"{self.name}: data plane not running")
+        if not data or not RAW_TYPE_MIN <= data[0] <= RAW_TYPE_MAX:
+            raise DataplaneError(f"{self.name}: send_raw takes types 0x20-0x2F only")
+        udp.send(data, endpoint)
+
+    def set_raw_handler(self, handler: RawHandler | None) -> None:
+        """Hand datagrams of types 0x20-0x2F to ``handler(data, source)`` (None: drop them as unknown, the
+        default). It runs on the rx thread, so it must only enqueue (e.g. ``loop.call_soon_threadsafe``);
+        an exception it raises is logged and counted, never fatal."""
+        self._raw_handler = handler
+
+    def in_netns(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` (blocking; e.g. listing addresses over netlink) in the interface's network namespace
+        and return its result."""
+        box: list[_T] = []
+        self._in_netns(lambda: box.append(fn()))
+        if not box:
+            raise DataplaneError(f"{self.name}: call in the interface's namespace did not finish")
+        return box[0]
+
+    def _raw(self, src: Endpoint, d: Buffer) -> bool:
+        """A control datagram for the raw handler; False if there is none (the caller drops it)."""
+        handler = self._raw_handler
+        if handler is None:
+            return False
+        self.raw_received += 1
+        try:
+            handler(bytes(d), src)
+        except Exception:
+            self.raw_handler_errors += 1
+            log.exception("event=raw_handler_failed iface=%s", self.name)
+        return True
+
     # -- peers -----------------------------------------------------------------------------------------------
 
     def add_peer(self, peer: PeerConfig) -> None:
@@ -474,6 +537,7 @@ class DataPlane:
         out["tun_queue_full"] = self.tun_write_drops
         out["no_route"] = self.no_route_drops
         out["seeded_without_session"] = self.seeded_drops
+        out["raw_handler_failed"] = self.raw_handler_errors
         return out
 
     def status(self) -> dict[str, object]:
@@ -645,15 +709,22 @@ class DataPlane:
         assert tun is not None
         stop = self._stop
         tx_lock = self._tx_lock
+        woke = False
         while not stop.is_set():
             with tx_lock:
-                worked = self._tx_batch()
-            if not worked:
+                worked = self._tx_batch(first_alone=woke)
+                # Found the device empty: wait right away rather than ask it again (a read and an exception).
+                woke = not worked or self._tx_drained
+            if woke:
                 tun.wait_readable(IDLE_WAIT)
 
-    def _tx_batch(self) -> bool:
+    def _tx_batch(self, first_alone: bool = False) -> bool:
         """Read one batch from the TUN device, encrypt and send it. Caller holds ``_tx_lock`` (whoever holds
-        it owns the read buffers and the order of sends). Returns False if nothing was pending."""
+        it owns the read buffers and the order of sends). Returns False if nothing was pending.
+
+        ``first_alone`` (the caller just woke up, or just wrote what the kernel may answer at once): send the
+        first packet as soon as it is read, then batch the rest. A lone packet (ping, a request, an ACK)
+        then leaves before the read that finds the device empty. Sets ``_tx_drained`` if it did."""
         tun, udp = self.tun, self.udp
         assert tun is not None and udp is not None
         pool, views = self._tx_pool, self._tx_views
@@ -665,9 +736,12 @@ class DataPlane:
         # One batch: packets grouped by peer, in read order.
         groups: dict[tuple[bytes, bool], list[Buffer]] = {}
         count = 0
+        sent = False
+        self._tx_drained = False
         for buf, view in zip(pool, views, strict=True):
             n = tun.read_into(buf)
             if not n:
+                self._tx_drained = True
                 break
             if vnet:
                 pkt = view[VNET_HDR_LEN:n]
@@ -707,11 +781,18 @@ class DataPlane:
             count += len(segs)
             if count >= TX_BATCH:
                 break
+            if first_alone:
+                first_alone = False
+                sent = True
+                now = time.monotonic()
+                for (peer_key, seeded), packets in groups.items():
+                    self._send_packets(now, peer_key, packets, udp, seeded)
+                groups = {}
         if no_route:
             # Nothing in the allowed IPs: dropped silently, as WireGuard does.
             self.no_route_drops += no_route
         if not groups:
-            return False
+            return sent
         now = time.monotonic()
         for (peer_key, seeded), packets in groups.items():
             self._send_packets(now, peer_key, packets, udp, seeded)
@@ -793,10 +874,15 @@ class DataPlane:
         wake = False
         accept_seeded = bool(self._local_caps & CAP_PARTIAL_CSUM)
         tx_lock = self._tx_lock
+        woke = False
         while not stop.is_set():
-            batch = udp.recv_batch()
+            # Right after a wait, take one receive and handle it before asking for more: a lone datagram
+            # (ping, a request) is delivered one syscall and one exception sooner.
+            batch = udp.recv_batch(1 if woke else 0)
+            woke = False
             if not batch:
                 udp.wait_readable(IDLE_WAIT)
+                woke = True
                 continue
             now = time.monotonic()
             deliver: list[Buffer] = []
@@ -804,6 +890,7 @@ class DataPlane:
             seen: set[tuple[int, Endpoint]] = set()
             bad: dict[wg.DropReason, int] = {}
             src_cache: dict[bytes, bytes | None] = {}
+            settled: list[tuple[Timers, bool]] = []  # told after the TUN write, before anything is sent
             for addr, dgrams in batch:
                 src: Endpoint = (addr[0], addr[1])
                 for d in dgrams:
@@ -815,8 +902,21 @@ class DataPlane:
                         out = deliver if kind == _MSG_TRANSPORT else seeded
                         receiver = _U32.unpack_from(d, 4)[0]
                         entry = index_lookup(receiver)
-                        if entry is None or entry.keypair is None or (receiver, src) not in seen:
-                            # First of its run (or unknown): the device does the bookkeeping.
+                        run_start = (receiver, src) not in seen
+                        if (
+                            entry is None
+                            or (kp := entry.keypair) is None
+                            or (
+                                run_start
+                                and not (
+                                    kp is entry.peer.keypairs.current
+                                    and entry.peer.endpoint == src
+                                    and not (kp.is_initiator and now - kp.created > _REKEY_ON_RECEIVE_AGE)
+                                )
+                            )
+                        ):
+                            # First of its run with something to do (key confirmation, roaming, a rekey
+                            # due) or unknown: the device does the bookkeeping.
                             seen.add((receiver, src))
                             if kind != _MSG_TRANSPORT:
                                 d = memoryview(b"\x04" + d[1:].tobytes())
@@ -825,8 +925,10 @@ class DataPlane:
                             if actions:
                                 out += self._execute(actions)
                             continue
-                        keypair: Keypair = entry.keypair
+                        keypair: Keypair = kp
                         peer = entry.peer
+                        if run_start:
+                            seen.add((receiver, src))
                         if now - keypair.created > REJECT_AFTER_TIME:
                             bad[reason.KEY_EXPIRED] = bad.get(reason.KEY_EXPIRED, 0) + 1
                             continue
@@ -840,6 +942,8 @@ class DataPlane:
                             continue
                         peer.rx_bytes += n
                         size = len(pt)
+                        if run_start:  # settled session: the device's only bookkeeping is the timers
+                            settled.append((peer.timers, size > 0))
                         if not size:
                             continue  # keepalive
                         b0 = pt[0] >> 4
@@ -874,6 +978,8 @@ class DataPlane:
                             wake = True
                         else:
                             self.handshake_queue_drops += 1
+                    elif RAW_TYPE_MIN <= kind <= RAW_TYPE_MAX and self._raw(src, d):
+                        pass
                     else:
                         # Unknown type or runt: the device counts it as malformed.
                         with self._lock:
@@ -892,15 +998,37 @@ class DataPlane:
                 # hot, instead of the tx thread (woken by the same write) competing for the GIL to do it.
                 own_tx = tx_lock.acquire(blocking=False)
                 try:
+                    if own_tx:
+                        # The tx thread waits on the TUN device: without the mask this write would wake it,
+                        # and it would take the GIL from us just to find the reply gone.
+                        tun.hold_wakeups(True)
                     if deliver:
                         self._deliver(tun, deliver, merge)
                     if seeded:
                         self._deliver(tun, seeded, merge, partial=True)
+                    if settled:
+                        self._settle(now, settled)
+                        settled = []
                     if own_tx:
-                        self._tx_batch()
+                        self._tx_batch(first_alone=True)
                 finally:
                     if own_tx:
-                        tx_lock.release()
+                        try:
+                            tun.hold_wakeups(False)
+                        finally:
+                            tx_lock.release()
+            if settled:  # nothing delivered (keepalives, drops)
+                self._settle(now, settled)
+            if udp.drained:  # found empty: wait right away rather than ask again
+                udp.wait_readable(IDLE_WAIT)
+                woke = True
+
+    def _settle(self, now: float, settled: list[tuple[Timers, bool]]) -> None:
+        """Timers for runs of settled sessions (what ``Device.receive`` would do for them). Called before
+        this thread sends anything, so the order "received, then sent" that the timers rely on holds."""
+        with self._lock:
+            for timers, data in settled:
+                timers.on_transport_received(now, data)
 
     def _deliver(self, tun: TunDevice, packets: list[Buffer], merge: bool, *, partial: bool = False) -> None:
         if len(packets) == 1 and not partial and tun.vnet_hdr:  # nothing to merge: skip coalesce (latency)

@@ -21,7 +21,6 @@ thread).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -86,8 +85,10 @@ class TunDevice:
         self.fallback_reason = fallback_reason
         self._buf = bytearray(MAX_READ)
         self._view = memoryview(self._buf)
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
+        # epoll rather than poll: ``hold_wakeups`` can then mask readability for whoever is waiting.
+        self._epoll = select.epoll(1, select.EPOLL_CLOEXEC)
+        self._epoll.register(fd, select.EPOLLIN)
+        self._held = False
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -143,8 +144,7 @@ class TunDevice:
 
     def close(self) -> None:
         if self._fd >= 0:
-            with contextlib.suppress(KeyError, ValueError):
-                self._poll.unregister(self._fd)
+            self._epoll.close()
             os.close(self._fd)
             log.info("event=tun_closed name=%s", self._name)
             self._fd = -1
@@ -275,12 +275,25 @@ class TunDevice:
 
     # --- packet I/O -----------------------------------------------------------------------------------------
     def wait_readable(self, timeout: float | None) -> bool:
-        """Block until a packet can be read or ``timeout`` seconds pass. Returns True if readable."""
-        ms = None if timeout is None else max(0, int(timeout * 1000))
+        """Block until a packet can be read or ``timeout`` seconds pass. Returns True if readable.
+
+        While ``hold_wakeups`` is in effect the device does not count as readable here."""
         try:
-            return bool(self._poll.poll(ms))
+            return bool(self._epoll.poll(-1 if timeout is None else max(0.0, timeout), 1))
         except InterruptedError:
             return False
+
+    def hold_wakeups(self, held: bool) -> None:
+        """Mask (True) or unmask (False) readability for threads in ``wait_readable``.
+
+        For a thread that writes a packet and reads what the kernel answers itself (an echo reply, a TCP
+        ACK): with the mask on, the write does not wake a thread waiting to read, which would only find the
+        reply gone and cost a context switch plus a GIL handoff on the writer's critical path. Unmasking
+        re-checks readiness (EPOLL_CTL_MOD), so a packet left pending wakes the waiter then; nothing is
+        lost. Callers serialise: only one thread may hold and release."""
+        if held != self._held and self._fd >= 0:
+            self._epoll.modify(self._fd, 0 if held else select.EPOLLIN)
+            self._held = held
 
     def read_into(self, buf: bytearray | memoryview) -> int:
         """Read one (super-)packet into ``buf`` (virtio_net_hdr first if ``vnet_hdr``). Returns its length, or

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 import logging
 import select
 import socket
@@ -88,6 +89,7 @@ class UdpSocket:
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
         self.gso_fallback_reason: str | None = None if gso else "UDP_SEGMENT not supported"
+        self.drained = False  # the last recv_batch emptied the socket
 
     @classmethod
     def bind(
@@ -228,19 +230,27 @@ class UdpSocket:
         except InterruptedError:
             return False
 
-    def recv_batch(self) -> list[tuple[Address, list[memoryview]]]:
-        """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls, without blocking.
+    def recv_batch(self, max_calls: int = 0) -> list[tuple[Address, list[memoryview]]]:
+        """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls (or ``max_calls``), without
+        blocking.
 
         Returns ``[(source, [datagram, ...]), ...]``: one entry per ``recvmsg``, whose GRO super-datagram is
         already split into datagrams. Views point into the socket's buffers and are valid until the next
-        ``recv_batch``. An empty list means nothing was pending.
+        ``recv_batch``. An empty list means nothing was pending. ``drained`` tells whether the socket was
+        found empty (so a loop can go straight to ``wait_readable`` instead of asking again: one syscall
+        less per idle transition).
         """
         out: list[tuple[Address, list[memoryview]]] = []
         sock = self._sock
-        for buf, view in zip(self._slots, self._views, strict=True):
+        self.drained = False
+        slots: Iterator[tuple[bytearray, memoryview]] = zip(self._slots, self._views, strict=True)
+        if max_calls:
+            slots = itertools.islice(slots, max_calls)
+        for buf, view in slots:
             try:
                 n, anc, flags, addr = sock.recvmsg_into((buf,), _GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                self.drained = True
                 break
             except OSError as exc:
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
