@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 PRODUCT_GROUPS = [
-    "up", "down", "coord", "join", "node", "status", "nodes", "cluster", "dataplane", "policy", "export",
-    "federation", "s3", "nfs", "demo", "chaos", "version",
+    "up", "down", "service", "coord", "join", "node", "status", "nodes", "tokens", "cluster", "dataplane",
+    "policy", "export", "federation", "s3", "nfs", "demo", "chaos", "version",
 ]  # fmt: skip
 
 
@@ -44,6 +44,14 @@ def test_command_not_built_yet_says_so_and_exits_non_zero(args: list[str]) -> No
     assert f"tunnelmesh {args[0]}" in result.stderr
 
 
+def test_readme_first_command_is_built_and_takes_the_documented_flags() -> None:
+    result = tunnelmesh("up", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "not built yet" not in result.stdout
+    for flag in ("--data-dir", "--listen", "--advertise", "--interface"):
+        assert flag in result.stdout
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     result = tunnelmesh("frobnicate")
     assert result.returncode == 2
@@ -54,7 +62,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("```")[1].splitlines()[1:]  # the first code block holds the two commands
     install_command, test_command = (line.split("#")[0].strip() for line in block if line.strip())
-    assert install_command.startswith("pip install . && tunnelmesh")
+    assert install_command == "pip install . && tunnelmesh up"
     assert test_command == "./scripts/test"
     ci = (ROOT / ".ci" / "run").read_text()
     assert f"exec {test_command}" in ci
