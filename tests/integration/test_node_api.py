@@ -28,12 +28,13 @@ from tunnelmesh import client, keyproof, pki, tokens
 from tunnelmesh.api.v1 import common_pb2, node_pb2, node_pb2_grpc, state_pb2
 from tunnelmesh.coord import relay
 from tunnelmesh.coord.bootstrap import ADMIN_TOKEN_FILE
-from tunnelmesh.coord.config_view import apply_delta, normalized, snapshot_for
+from tunnelmesh.coord.config_view import normalized, snapshot_for
 from tunnelmesh.coord.node_api import NodeServicer
 from tunnelmesh.coord.raft.driver import DriverOptions
 from tunnelmesh.coord.server import JOIN_SECRET_FILE, CoordinatorProcess, CoordOptions
 from tunnelmesh.coord.service import Coordinator
 from tunnelmesh.coord.state import MeshState, encode_command, ns_to_timestamp
+from tunnelmesh.node.config_apply import apply_delta
 
 START_TIMEOUT = 60.0  # generous: the machine is shared
 READ_TIMEOUT = 10.0

@@ -12,8 +12,8 @@ Deltas come from the state's change feed (``MeshState.changes_since``): a ``Chan
 were added or changed, the nodes removed and the DNS names freed (renames, removals). Every watcher at the
 same base version needs nearly the same delta, so ``DeltaParts`` builds the shared part once and
 ``for_node`` only special-cases the node itself; ``ViewCache`` keeps each node's ``Peer`` and DNS records
-until its record is replaced, so a thousand snapshots do not rebuild a thousand peers each. ``apply_delta``
-is the node-side rule (replace messages, upsert and remove by key), used by tests and by the agent.
+until its record is replaced, so a thousand snapshots do not rebuild a thousand peers each. The node-side
+rule (replace messages, upsert and remove by key) is ``tunnelmesh.node.config_apply.apply_delta``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ __all__ = [
     "NodeNotFound",
     "SnapshotEncoder",
     "ViewCache",
-    "apply_delta",
     "coordinators_from_members",
     "delta_for",
     "normalized",
@@ -468,43 +467,6 @@ def delta_for(
 
 # ------------------------------------------------------------------------------------------------------------
 # The node-side rule
-
-
-def apply_delta(snapshot: node_pb2.ConfigSnapshot, delta: node_pb2.ConfigDelta) -> node_pb2.ConfigSnapshot:
-    """A new snapshot: ``snapshot`` with ``delta`` applied (docs/api.md, "WatchConfig streaming semantics").
-    Raises ``ValueError`` if the delta does not apply to the snapshot's version."""
-    if delta.base_version != snapshot.version:
-        raise ValueError(
-            f"delta from version {delta.base_version} does not apply to version {snapshot.version}"
-        )
-    out = node_pb2.ConfigSnapshot()
-    out.CopyFrom(snapshot)
-    out.version = delta.version
-    for name in ("self", "filter", "network"):
-        if delta.HasField(name):
-            getattr(out, name).CopyFrom(getattr(delta, name))
-    if delta.HasField("dns_settings"):
-        out.dns.settings.CopyFrom(delta.dns_settings)
-    if delta.HasField("coordinators"):
-        del out.coordinators[:]
-        out.coordinators.extend(delta.coordinators.coordinators)
-    peers = {p.node_id: p for p in out.peers}
-    for node_id in delta.removed_peer_ids:
-        peers.pop(node_id, None)
-    for p in delta.upserted_peers:
-        peers[p.node_id] = p
-    records = {(r.name, r.type): r for r in out.dns.records}
-    for key in delta.removed_dns_records:
-        records.pop((key.name, key.type), None)
-    for r in delta.upserted_dns_records:
-        records[(r.name, r.type)] = r
-    new_peers = _copies(peers[k] for k in sorted(peers))  # copies: the originals live in `out`, cleared next
-    new_records = _copies(records[k] for k in sorted(records))
-    del out.peers[:]
-    out.peers.extend(new_peers)
-    del out.dns.records[:]
-    out.dns.records.extend(new_records)
-    return out
 
 
 def _copies(messages: Iterable[_M]) -> list[_M]:

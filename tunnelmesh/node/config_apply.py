@@ -25,7 +25,7 @@ Endpoint = tuple[str, int]
 _DIRECT_TYPES = (common_pb2.CANDIDATE_TYPE_HOST, common_pb2.CANDIDATE_TYPE_REFLEXIVE)
 
 
-class OutOfSync(Exception):
+class OutOfSync(ValueError):
     """A delta does not apply to the node's current version: reconnect with ``resume_from_version``."""
 
 
@@ -40,14 +40,25 @@ def merge(
         return out
     if kind != "delta":
         return None
-    delta = update.delta
-    if current is None or delta.base_version != current.version:
-        have = "none" if current is None else str(current.version)
-        raise OutOfSync(f"delta {delta.base_version}->{delta.version} does not apply to version {have}")
+    if current is None:
+        raise OutOfSync(
+            f"delta {update.delta.base_version}->{update.delta.version} does not apply to version none"
+        )
+    return apply_delta(current, update.delta)
+
+
+def apply_delta(snapshot: node_pb2.ConfigSnapshot, delta: node_pb2.ConfigDelta) -> node_pb2.ConfigSnapshot:
+    """A new snapshot: ``snapshot`` with ``delta`` applied (docs/api.md, "WatchConfig streaming semantics"):
+    messages replaced, peers and DNS records upserted and removed by key. The one implementation of the
+    node-side rule: the agent uses it, and the tests check the coordinator's deltas against it."""
+    if delta.base_version != snapshot.version:
+        raise OutOfSync(
+            f"delta {delta.base_version}->{delta.version} does not apply to version {snapshot.version}"
+        )
     if delta.version <= delta.base_version:
         raise OutOfSync(f"delta goes backwards: {delta.base_version}->{delta.version}")
     out = node_pb2.ConfigSnapshot()
-    out.CopyFrom(current)
+    out.CopyFrom(snapshot)
     out.version = delta.version
     if delta.HasField("self"):
         out.self.CopyFrom(delta.self)

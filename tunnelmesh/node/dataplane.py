@@ -288,7 +288,6 @@ class DataPlane:
         self._netns_fd = -1
         self._collector: _Collector | None = None
         self._raw_handler: RawHandler | None = None
-        self.raw_received = 0
         self.raw_handler_errors = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -429,7 +428,6 @@ class DataPlane:
         handler = self._raw_handler
         if handler is None:
             return False
-        self.raw_received += 1
         try:
             handler(bytes(d), src)
         except Exception:
@@ -1220,13 +1218,3 @@ def _fmt_endpoint(ep: Endpoint | None) -> str:
         return "-"
     host, port = ep
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

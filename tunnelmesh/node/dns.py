@@ -247,21 +247,6 @@ def build_zone(config: node_pb2.DnsConfig, serial: int) -> tuple[Zone, Counter[s
     return Zone(origin, zone_ttl, serial, rrsets, frozenset(names)), rejected
 
 
-def merge_dns_delta(config: node_pb2.DnsConfig, delta: node_pb2.ConfigDelta) -> node_pb2.DnsConfig:
-    """``config`` with a ConfigDelta's DNS changes applied (settings replaced, records upserted and removed by
-    (name, type)); the agent keeps the result and passes it to :meth:`MeshResolver.update`."""
-    out = node_pb2.DnsConfig()
-    out.settings.CopyFrom(delta.dns_settings if delta.HasField("dns_settings") else config.settings)
-    gone = {(k.name, k.type) for k in delta.removed_dns_records}
-    upserted = {(r.name, r.type): r for r in delta.upserted_dns_records}
-    for rec in config.records:
-        key = (rec.name, rec.type)
-        if key not in gone and key not in upserted:
-            out.records.append(rec)
-    out.records.extend(upserted.values())
-    return out
-
-
 # -- answering -----------------------------------------------------------------------------------------------
 
 
@@ -507,10 +492,11 @@ class MeshResolver:
     # -- records --
 
     def update(self, config: node_pb2.DnsConfig) -> Zone:
-        """Replace every record at once with ``config`` (a full DnsConfig; for deltas see
-        :func:`merge_dns_delta`). Bad records are skipped, logged and counted in
-        ``tunnelmesh_dns_rejected_records_total{reason}``; a bad domain raises :class:`DnsConfigError` and
-        leaves the current zone in place. Call it before :meth:`start` or from the event loop's thread."""
+        """Replace every record at once with ``config``, a full DnsConfig (the agent applies deltas to its
+        config with ``config_apply.apply_delta`` and passes the result's ``dns``). Bad records are skipped,
+        logged and counted in ``tunnelmesh_dns_rejected_records_total{reason}``; a bad domain raises
+        :class:`DnsConfigError` and leaves the current zone in place. Call it before :meth:`start` or from the
+        event loop's thread."""
         if self.zone is not None and config == self._config:
             return self.zone  # the agent passes every config change here; most leave DNS alone
         try:

@@ -865,8 +865,6 @@ class PathManager:
         self.rejected: dict[str, int] = {}  # config input (peers, candidates) refused
         self.switches: dict[tuple[str, str], int] = {}
         self.reflections: dict[str, int] = {}
-        self.send_failures = 0
-        self.reasserted = 0  # the data plane roamed away from our choice and was put back
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -1041,7 +1039,6 @@ class PathManager:
         try:
             self.dataplane.send_raw(endpoint, frame)
         except DataplaneError as exc:
-            self.send_failures += 1
             log.debug("event=nat_send_failed endpoint=%s error=%r", _fmt(endpoint), str(exc))
             return False
         return True
@@ -1089,7 +1086,6 @@ class PathManager:
         chosen = peer.paths.current
         if chosen is None or peer.key not in current or current[peer.key] == chosen.endpoint:
             return
-        self.reasserted += 1
         log.debug(
             "event=nat_reassert peer=%s roamed_to=%s chosen=%s",
             _short(peer.key),

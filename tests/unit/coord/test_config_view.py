@@ -15,13 +15,13 @@ from tunnelmesh.coord.config_view import (
     DeltaParts,
     NodeNotFound,
     SnapshotEncoder,
-    apply_delta,
     coordinators_from_members,
     delta_for,
     normalized,
     snapshot_for,
 )
 from tunnelmesh.coord.state import ChangeSet, ns_to_timestamp
+from tunnelmesh.node.config_apply import apply_delta
 
 from .builders import HOUR, PSK, T0, Driver, init_mesh, join_token, key, register
 

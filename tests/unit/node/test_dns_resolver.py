@@ -1,4 +1,4 @@
-"""The resolver core (tunnelmesh.node.dns: build_zone, respond, merge_dns_delta), query bytes in, reply out.
+"""The resolver core (tunnelmesh.node.dns: build_zone, respond), query bytes in, reply out.
 
 The same behaviour is checked end to end with dig in tests/integration/test_dns.py; here each rule of the
 zone (RFC 1034 §4.3.2, RFC 2308 negative answers, RFC 6891 EDNS0) is pinned down case by case.
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tunnelmesh.api.v1 import node_pb2
 from tunnelmesh.node import dns_wire as w
+from tunnelmesh.node.config_apply import apply_delta
 from tunnelmesh.node.dns import (
     DEFAULT_TTL,
     EDNS_UDP_SIZE,
@@ -23,7 +24,6 @@ from tunnelmesh.node.dns import (
     Zone,
     build_zone,
     default_listen,
-    merge_dns_delta,
     respond,
 )
 
@@ -323,7 +323,7 @@ def test_update_replaces_all_records_and_bumps_the_serial() -> None:
     assert same is resolver.zone and same.serial == first.serial + 1  # an unchanged config keeps the zone
 
 
-def test_merge_dns_delta() -> None:
+def test_a_delta_upserts_and_removes_records_by_name_and_type() -> None:
     base = config(rec("a.mesh.internal", A, "100.64.0.1"), rec("b.mesh.internal", A, "100.64.0.2"))
     delta = node_pb2.ConfigDelta(
         upserted_dns_records=[
@@ -332,14 +332,20 @@ def test_merge_dns_delta() -> None:
         ],
         removed_dns_records=[node_pb2.DnsRecordKey(name="a.mesh.internal", type=A)],
     )
-    merged = merge_dns_delta(base, delta)
+    merged = apply_delta(node_pb2.ConfigSnapshot(version=1, dns=base), _versioned(delta)).dns
     assert merged.settings.mesh_domain == "mesh.internal"
     assert sorted((r.name, tuple(r.values)) for r in merged.records) == [
         ("b.mesh.internal", ("100.64.0.22",)),
         ("c.mesh.internal", ("100.64.0.3",)),
     ]
     delta = node_pb2.ConfigDelta(dns_settings=node_pb2.DnsSettings(mesh_domain="corp.example"))
-    assert merge_dns_delta(base, delta).settings.mesh_domain == "corp.example"
+    snap = node_pb2.ConfigSnapshot(version=1, dns=base)
+    assert apply_delta(snap, _versioned(delta)).dns.settings.mesh_domain == "corp.example"
+
+
+def _versioned(delta: node_pb2.ConfigDelta) -> node_pb2.ConfigDelta:
+    delta.base_version, delta.version = 1, 2
+    return delta
 
 
 def test_default_listen_is_port_53_on_each_mesh_address() -> None:
