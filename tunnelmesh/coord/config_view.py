@@ -29,6 +29,7 @@ from tunnelmesh.api.v1 import common_pb2, node_pb2
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.state import ChangeSet, MeshState, Node, Settings
 from tunnelmesh.errors import TunnelMeshError
+from tunnelmesh.protowire import length_delimited, varint
 
 __all__ = [
     "DEFAULT_KEEPALIVE_SECONDS",
@@ -179,7 +180,7 @@ class ViewCache:
         """The node's ``Peer`` encoded as a ConfigSnapshot.peers element (tag, length, bytes)."""
         hit = self._peer_fields.get(node.node_id)
         if hit is None or hit[0] != node.modified_index:
-            hit = (node.modified_index, _field(_PEERS_FIELD, self.peer_bytes(node)))
+            hit = (node.modified_index, length_delimited(_PEERS_FIELD, self.peer_bytes(node)))
             self._peer_fields[node.node_id] = hit
         return hit[1]
 
@@ -188,7 +189,11 @@ class ViewCache:
         hit = self._record_fields.get(node.node_id)
         if hit is None or hit[0] != node.modified_index or hit[1] != domain:
             records = sorted(self.records(node, domain), key=lambda r: r.type)
-            hit = (node.modified_index, domain, b"".join(_field(_RECORDS_FIELD, r) for r in records))
+            hit = (
+                node.modified_index,
+                domain,
+                b"".join(length_delimited(_RECORDS_FIELD, r) for r in records),
+            )
             self._record_fields[node.node_id] = hit
         return hit[2]
 
@@ -242,21 +247,6 @@ def snapshot_for(
     )
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, message: Message | bytes) -> bytes:
-    """A length-delimited field: how protobuf encodes a message-typed field or a repeated element."""
-    payload = message if isinstance(message, bytes) else message.SerializeToString(deterministic=True)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 _PEERS_FIELD = node_pb2.ConfigSnapshot.PEERS_FIELD_NUMBER
 _RECORDS_FIELD = node_pb2.DnsConfig.RECORDS_FIELD_NUMBER
 _DNS_SETTINGS_FIELD = node_pb2.DnsConfig.SETTINGS_FIELD_NUMBER
@@ -292,15 +282,18 @@ class SnapshotEncoder:
         domain = settings.mesh_domain
         # Records sorted by (name, type), as snapshot_for has them: nodes by name, each node's by type.
         by_name = sorted(nodes, key=lambda n: _fqdn(n.name, domain))
-        dns = _field(_DNS_SETTINGS_FIELD, dns_settings(settings)) + b"".join(
+        dns = length_delimited(_DNS_SETTINGS_FIELD, dns_settings(settings)) + b"".join(
             cache.record_fields(n, domain) for n in by_name
         )
         self._tail = b"".join(
             [
-                _field(node_pb2.ConfigSnapshot.DNS_FIELD_NUMBER, dns),
-                _field(node_pb2.ConfigSnapshot.FILTER_FIELD_NUMBER, packet_filter(settings)),
-                _field(node_pb2.ConfigSnapshot.NETWORK_FIELD_NUMBER, network_settings(settings)),
-                *(_field(node_pb2.ConfigSnapshot.COORDINATORS_FIELD_NUMBER, c) for c in coordinators),
+                length_delimited(node_pb2.ConfigSnapshot.DNS_FIELD_NUMBER, dns),
+                length_delimited(node_pb2.ConfigSnapshot.FILTER_FIELD_NUMBER, packet_filter(settings)),
+                length_delimited(node_pb2.ConfigSnapshot.NETWORK_FIELD_NUMBER, network_settings(settings)),
+                *(
+                    length_delimited(node_pb2.ConfigSnapshot.COORDINATORS_FIELD_NUMBER, c)
+                    for c in coordinators
+                ),
             ]
         )
 
@@ -310,10 +303,8 @@ class SnapshotEncoder:
         node = self._state.get_node(node_id)
         if slot is None or node is None:
             raise NodeNotFound(f"node {node_id!r} is not registered in this mesh")
-        head = (
-            _varint(node_pb2.ConfigSnapshot.VERSION_FIELD_NUMBER << 3) + _varint(version) if version else b""
-        )
-        me = _field(node_pb2.ConfigSnapshot.SELF_FIELD_NUMBER, node_self(node, self._settings))
+        head = varint(node_pb2.ConfigSnapshot.VERSION_FIELD_NUMBER << 3) + varint(version) if version else b""
+        me = length_delimited(node_pb2.ConfigSnapshot.SELF_FIELD_NUMBER, node_self(node, self._settings))
         peers = self._peers
         return b"".join(
             (head, me, peers[: self._offsets[slot]], peers[self._offsets[slot + 1] :], self._tail)
@@ -330,7 +321,7 @@ _UPSERTED_PEERS_FIELD = _DELTA.UPSERTED_PEERS_FIELD_NUMBER
 
 def _uint_field(number: int, value: int) -> bytes:
     """A varint field; proto3 leaves a zero out."""
-    return _varint(number << 3) + _varint(value) if value else b""
+    return varint(number << 3) + varint(value) if value else b""
 
 
 class DeltaParts:
@@ -375,12 +366,13 @@ class DeltaParts:
             node = state.get_node(node_id)
             if node is None:  # removed again since (the feed merge normally drops these)
                 continue
-            field = _field(_UPSERTED_PEERS_FIELD, cache.peer_bytes(node))
+            field = length_delimited(_UPSERTED_PEERS_FIELD, cache.peer_bytes(node))
             slots[node_id] = (offset, offset + len(field))
             offset += len(field)
             peers.append(field)
             records += (
-                _field(_DELTA.UPSERTED_DNS_RECORDS_FIELD_NUMBER, r) for r in cache.records(node, domain)
+                length_delimited(_DELTA.UPSERTED_DNS_RECORDS_FIELD_NUMBER, r)
+                for r in cache.records(node, domain)
             )
         # A freed name is deleted unless some node holds it now (then its record is among the upserts).
         types = _record_types(settings)
@@ -397,17 +389,17 @@ class DeltaParts:
             _DELTA.VERSION_FIELD_NUMBER, self.version
         )
         # Fields after upserted_peers, in field-number order (as a deterministic serialization has them).
-        tail = [_field(_DELTA.REMOVED_PEER_IDS_FIELD_NUMBER, n.encode()) for n in removed_ids]
+        tail = [length_delimited(_DELTA.REMOVED_PEER_IDS_FIELD_NUMBER, n.encode()) for n in removed_ids]
         if changeset.settings_changed:
-            tail.append(_field(_DELTA.DNS_SETTINGS_FIELD_NUMBER, dns_settings(settings)))
+            tail.append(length_delimited(_DELTA.DNS_SETTINGS_FIELD_NUMBER, dns_settings(settings)))
         tail += records
-        tail += (_field(_DELTA.REMOVED_DNS_RECORDS_FIELD_NUMBER, k) for k in removed_records)
+        tail += (length_delimited(_DELTA.REMOVED_DNS_RECORDS_FIELD_NUMBER, k) for k in removed_records)
         if changeset.settings_changed:
-            tail.append(_field(_DELTA.FILTER_FIELD_NUMBER, packet_filter(settings)))
-            tail.append(_field(_DELTA.NETWORK_FIELD_NUMBER, network_settings(settings)))
+            tail.append(length_delimited(_DELTA.FILTER_FIELD_NUMBER, packet_filter(settings)))
+            tail.append(length_delimited(_DELTA.NETWORK_FIELD_NUMBER, network_settings(settings)))
         if coordinators is not None:
             listed = node_pb2.CoordinatorList(coordinators=coordinators)
-            tail.append(_field(_DELTA.COORDINATORS_FIELD_NUMBER, listed))
+            tail.append(length_delimited(_DELTA.COORDINATORS_FIELD_NUMBER, listed))
         self._tail = b"".join(tail)
         # Something every node sees changed (the nodes inside the change set always get a delta).
         self._changed = bool(self._peers or self._tail or changeset.settings_changed)
@@ -434,7 +426,7 @@ class DeltaParts:
             return self._generic
         node = self._state.get_node(node_id)
         assert node is not None
-        me = _field(_DELTA.SELF_FIELD_NUMBER, node_self(node, self._settings))
+        me = length_delimited(_DELTA.SELF_FIELD_NUMBER, node_self(node, self._settings))
         peers = self._peers
         return b"".join((self._head, me, peers[: slot[0]], peers[slot[1] :], self._tail))
 

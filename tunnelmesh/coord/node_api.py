@@ -77,6 +77,7 @@ from tunnelmesh.coord.state import (
     is_label,
     ns_to_timestamp,
 )
+from tunnelmesh.protowire import varint
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +539,7 @@ class NodeServicer:  # registered by add_to_server (snapshots go out pre-seriali
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         UPDATES.labels("snapshot").inc()
         self._note_snapshot(len(snap))
-        return _SNAPSHOT_TAG + _varint(len(snap)) + snap
+        return _SNAPSHOT_TAG + varint(len(snap)) + snap
 
     def _note_snapshot(self, size: int) -> None:
         self._untrimmed += size
@@ -595,10 +596,10 @@ class NodeServicer:  # registered by add_to_server (snapshots go out pre-seriali
             return None
         UPDATES.labels("delta").inc()
         if delta is not parts.shared:  # a node inside the change set: its own delta
-            return _DELTA_TAG + _varint(len(delta)) + delta
+            return _DELTA_TAG + varint(len(delta)) + delta
         wrapped = self._wrapped.get(key)
         if wrapped is None:  # the shared delta: wrapped once, the same bytes for every stream
-            wrapped = self._wrapped[key] = _DELTA_TAG + _varint(len(delta)) + delta
+            wrapped = self._wrapped[key] = _DELTA_TAG + varint(len(delta)) + delta
         return wrapped
 
     def _beat_gap(self) -> float:
@@ -718,15 +719,6 @@ class NodeServicer:  # registered by add_to_server (snapshots go out pre-seriali
         return sorted(self._streams)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None elsewhere (musl, macOS): then the peak simply stays."""
     try:
@@ -737,8 +729,8 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
 
 
 _malloc_trim = _libc_malloc_trim()
-_SNAPSHOT_TAG = _varint(node_pb2.WatchConfigResponse.SNAPSHOT_FIELD_NUMBER << 3 | 2)
-_DELTA_TAG = _varint(node_pb2.WatchConfigResponse.DELTA_FIELD_NUMBER << 3 | 2)
+_SNAPSHOT_TAG = varint(node_pb2.WatchConfigResponse.SNAPSHOT_FIELD_NUMBER << 3 | 2)
+_DELTA_TAG = varint(node_pb2.WatchConfigResponse.DELTA_FIELD_NUMBER << 3 | 2)
 
 
 class _Pacer:

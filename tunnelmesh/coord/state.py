@@ -70,6 +70,7 @@ from google.protobuf.message import DecodeError, Message
 from tunnelmesh.api.v1 import common_pb2, state_pb2
 from tunnelmesh.coord.ipam import AddressPool, IpamError, canonical_address_version, parse_prefix
 from tunnelmesh.errors import TunnelMeshError
+from tunnelmesh.protowire import length_delimited, varint
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1237,17 +1238,19 @@ class MeshState:
         parts += self._framed(7, self._api_tokens, encoded.setdefault("api", {}), _encode_record)
         quarantined = sorted((p.version, a, p, t) for p in self._pools for a, t in p.quarantined())
         parts += (
-            _frame(8, state_pb2.QuarantinedAddress(address=p.str_of(a), reusable_at=ns_to_timestamp(t)))
+            length_delimited(
+                8, state_pb2.QuarantinedAddress(address=p.str_of(a), reusable_at=ns_to_timestamp(t))
+            )
             for _, a, p, t in quarantined
         )
         for request_id in sorted(self._requests):
             applied = self._requests[request_id]
             if applied.encoded is None:
-                applied.encoded = _frame(9, _encode_applied(request_id, applied))
+                applied.encoded = length_delimited(9, _encode_applied(request_id, applied))
             parts.append(applied.encoded)
         parts += self._framed(10, self._kv, encoded.setdefault("kv", {}), _encode_kv)
         if self._config_version:  # field 11 (varint) follows the lists, as protobuf orders fields by number
-            parts.append(_varint(11 << 3) + _varint(self._config_version))
+            parts.append(varint(11 << 3) + varint(self._config_version))
         return b"".join(parts)
 
     @staticmethod
@@ -1264,7 +1267,7 @@ class MeshState:
             record = records[k]
             hit = cache.get(k)
             if hit is None or hit[0] is not record:
-                hit = (record, _frame(number, encode(k, record)))
+                hit = (record, length_delimited(number, encode(k, record)))
             fresh[k] = hit
             out.append(hit[1])
         cache.clear()
@@ -1390,23 +1393,6 @@ def _kv_result(succeeded: bool, previous: KvEntry | None, revision: int) -> stat
     return state_pb2.CommandResult(kv=kv)
 
 
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative integer."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _frame(number: int, payload: bytes | Any) -> bytes:
-    """One length-delimited field (tag, length, bytes): how protobuf encodes a repeated message element."""
-    if not isinstance(payload, bytes):
-        payload = payload.SerializeToString(deterministic=True)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _encode_record(_key: object, record: Node | JoinToken | ApiToken) -> bytes:
     return record.to_proto().SerializeToString(deterministic=True)
 
@@ -1421,7 +1407,7 @@ def _encode_applied(request_id: str, applied: _Applied) -> bytes:
     entry = state_pb2.AppliedRequest(request_id=request_id, applied_index=applied.index)
     entry.applied_at.CopyFrom(ns_to_timestamp(applied.applied_at))
     # The result is appended as field 4 rather than copied into the message: same bytes, one copy less.
-    return entry.SerializeToString(deterministic=True) + _frame(4, applied.result)
+    return entry.SerializeToString(deterministic=True) + length_delimited(4, applied.result)
 
 
 def _check_kv(key: bytes, value: bytes) -> None:
