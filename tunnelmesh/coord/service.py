@@ -209,6 +209,8 @@ class Coordinator:
         except (ProposalDropped, DeadlineExceeded) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
+        # The follower waits to apply the entry before it answers its client: tell it the commit now.
+        d.release_commit_notice(request.header.from_id)
         return raft_pb2.ProposeResponse(
             header=d.transport.header(request.header.from_id),
             index=index,

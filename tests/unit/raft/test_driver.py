@@ -28,6 +28,7 @@ from tunnelmesh.coord.raft.messages import (
 )
 from tunnelmesh.coord.raft.storage import SqliteStorage
 from tunnelmesh.coord.raft.transport import member_label
+from tunnelmesh.coord.service import Coordinator
 from tunnelmesh.coord.state import MeshState, encode_command
 
 CLUSTER = "drvtest"
@@ -180,6 +181,33 @@ async def test_commit_notices_are_held_back_and_followers_still_apply(
     assert any(m.type == MessageType.APP and m.entries for m in sent)
     # No append without entries went out: each write's commit notice was held, then superseded.
     assert [m for m in sent if m.type == MessageType.APP and not m.entries] == []
+
+
+async def test_a_write_through_a_follower_is_applied_there_when_it_returns(
+    cluster: list[Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commit notices held "forever" and no heartbeats to the follower: only the leader releasing the held
+    # notice once the forwarded write applied can tell the follower the commit before its 1 s wait runs out.
+    monkeypatch.setattr(driver_mod, "COMMIT_NOTICE_DELAY", 60.0)
+    coords = [
+        Coordinator(d, self_member=raft_pb2.Member(member_id=d.member_id), join_bundle=None, max_voters=3)
+        for d in cluster
+    ]
+    lead = await _leader(cluster)
+    follower = next(d for d in cluster if d is not lead)
+    index, _ = await lead.propose(_put(b"fw", b"0"), 5.0)
+    await follower.wait_applied(index, 5.0)
+    real_send = lead.transport.send
+
+    def no_heartbeats_to_follower(msgs: Iterable[Message]) -> None:
+        real_send(m for m in msgs if not (m.type == MessageType.HEARTBEAT and m.to == follower.member_id))
+
+    monkeypatch.setattr(lead.transport, "send", no_heartbeats_to_follower)
+    started = time.monotonic()
+    await coords[cluster.index(follower)].write(_put(b"fw", b"1"), 5.0)
+    took = time.monotonic() - started
+    assert follower.state.kv_get(b"fw").value == b"1"  # type: ignore[union-attr]
+    assert took < 0.9, f"the forwarded write took {took:.2f}s: the follower waited for the commit"
 
 
 async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_their_index(

@@ -68,7 +68,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tunnelmesh import pki
@@ -101,7 +101,8 @@ COMMIT_NOTICE_DELAY = 0.02
 """Seconds a leader holds back an append that only moves a follower's commit index: a later append or
 heartbeat usually carries it, and each message costs the leader's event loop a stream write and the answer's
 read. A follower applies at most this much later than without the delay (linearizable reads are not affected:
-their heartbeat round carries the commit index)."""
+their heartbeat round carries the commit index; nor are writes forwarded by a follower: the leader releases
+that follower's notice as soon as the write has applied, see ``release_commit_notice``)."""
 
 _SNAP_MAGIC = b"TMS1"
 _U32 = struct.Struct(">I")
@@ -458,9 +459,19 @@ class Driver:
     def _flush_held(self) -> None:
         self._held_timer = None
         held, self._held = self._held, {}
+        self._send_held(held.values())
+
+    def release_commit_notice(self, peer: int) -> None:
+        """Send ``peer`` its held commit notice now: it forwarded a write and waits to apply it itself
+        (without this, a write through a follower would take ``COMMIT_NOTICE_DELAY`` longer)."""
+        m = self._held.pop(peer, None)
+        if m is not None:
+            self._send_held([m])
+
+    def _send_held(self, held: Iterable[Message]) -> None:
         r = self.node.raft
         # A notice from an older term (this member stepped down meanwhile) would only be refused.
-        msgs = [m for m in held.values() if r.state == StateType.LEADER and m.term == r.term]
+        msgs = [m for m in held if r.state == StateType.LEADER and m.term == r.term]
         if msgs and not self._stopping:
             self.transport.send(msgs)
 
