@@ -368,8 +368,12 @@ async def test_the_stream_reconnects_after_the_peer_restarts(pair: tuple[_Node, 
     await _until(lambda: len(b.got) == 1)
     port = b.t.bound_port
     await b.t.close()  # the peer goes away: a's open stream breaks
-    a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=2)])
-    await _until(lambda: 2 in a.unreachable)
+    # A write may still land in the broken stream's buffers before the close is seen; the core keeps sending
+    # heartbeats, and one of them fails.
+    async with asyncio.timeout(5.0):
+        while 2 not in a.unreachable:
+            a.t.send([Message(M.HEARTBEAT, to=2, frm=1, term=1, commit=2)])
+            await asyncio.sleep(0.05)
     ca_b = b.t.credentials
     b2 = Transport(
         cluster_id="testc",
