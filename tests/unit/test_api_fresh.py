@@ -193,6 +193,7 @@ def test_raft_service_methods() -> None:
         "TimeoutNow": UNARY,
         "Join": UNARY,
         "Propose": UNARY,
+        "ProposeBatch": UNARY,
         "ReadIndex": UNARY,
         "Send": UNARY,
         "Stream": (True, False),

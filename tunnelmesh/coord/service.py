@@ -1,8 +1,9 @@
 """gRPC servicers of a coordinator: KvService, AdminService (nodes, join and API tokens, the cluster),
-ClusterJoinService, and the request/response half of the Raft port (Join, Propose, ReadIndex).
+ClusterJoinService, and the request/response half of the Raft port (Join, Propose, ProposeBatch, ReadIndex).
 
 Writes go through ``Coordinator.write``: propose locally when this member leads; otherwise forward the
-serialized ``Command`` to the leader with ``Raft.Propose`` (mutual TLS). When no leader is known, or the
+serialized ``Command`` to the leader, batched with the other writes forwarded meanwhile (``coord/forward.py``,
+``Raft.ProposeBatch`` over mutual TLS). When no leader is known, or the
 leader changed under the request, it retries until the request's deadline; this is safe because every
 command carries the client's ``request_id`` and the state machine applies an id at most once.
 
@@ -40,6 +41,7 @@ from tunnelmesh.api.v1 import (
     state_pb2,
 )
 from tunnelmesh.coord import state
+from tunnelmesh.coord.forward import Forwarder
 from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
 from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
 from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, StateType
@@ -110,6 +112,7 @@ class Coordinator:
         self._bundle: bytes | None = None
         self.max_voters = max_voters
         self._membership_lock = asyncio.Lock()
+        self._forwarder = Forwarder(driver.transport)
         driver.transport.set_handler(self)
 
     async def join_bundle(self) -> bytes | None:
@@ -159,21 +162,17 @@ class Coordinator:
     async def _forward_propose(
         self, lead: int, command: bytes, left: float
     ) -> state_pb2.CommandResult | None:
-        stub = self.driver.transport.stub(lead)
-        if stub is None:
-            return None
-        req = raft_pb2.ProposeRequest(header=self.driver.transport.header(lead), command=command)
         try:
-            resp = await stub.Propose(req, timeout=left)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "forwarded write timed out") from None
-            log.debug("event=forward_failed leader=%x code=%s", lead, exc.code().name)
+            outcome = await self._forwarder.forward(lead, command, left)
+        except DeadlineExceeded:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "forwarded write timed out") from None
+        if outcome is None:
             return None
+        index, result = outcome
         # The leader applied it; make our own state catch up so a read here sees the write.
         with _suppress_deadline():
-            await self.driver.wait_applied(resp.index, max(0.0, min(left, 1.0)))
-        return state_pb2.CommandResult.FromString(resp.result)
+            await self.driver.wait_applied(index, max(0.0, min(left, 1.0)))
+        return state_pb2.CommandResult.FromString(result)
 
     async def read_barrier(self, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
         deadline = time.monotonic() + timeout
@@ -215,6 +214,27 @@ class Coordinator:
             header=d.transport.header(request.header.from_id),
             index=index,
             result=(result or state_pb2.CommandResult()).SerializeToString(),
+        )
+
+    async def handle_propose_batch(
+        self, request: raft_pb2.ProposeBatchRequest, context: Any
+    ) -> raft_pb2.ProposeBatchResponse:
+        d = self.driver
+        budget = _remaining(context)
+
+        async def one(command: bytes) -> raft_pb2.ProposeOutcome:
+            try:
+                index, result = await d.propose(command, budget)
+            except (NotLeader, ProposalDropped, DeadlineExceeded) as exc:
+                return raft_pb2.ProposeOutcome(error=str(exc) or type(exc).__name__)
+            result = result or state_pb2.CommandResult()
+            return raft_pb2.ProposeOutcome(index=index, result=result.SerializeToString())
+
+        # Proposed in one loop turn: one Raft append and one fsync for the whole batch.
+        outcomes = await asyncio.gather(*(one(c) for c in request.commands))
+        d.release_commit_notice(request.header.from_id)
+        return raft_pb2.ProposeBatchResponse(
+            header=d.transport.header(request.header.from_id), outcomes=outcomes
         )
 
     async def handle_read_index(

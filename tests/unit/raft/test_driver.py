@@ -9,8 +9,11 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2
@@ -189,10 +192,7 @@ async def test_a_write_through_a_follower_is_applied_there_when_it_returns(
     # Commit notices held "forever" and no heartbeats to the follower: only the leader releasing the held
     # notice once the forwarded write applied can tell the follower the commit before its 1 s wait runs out.
     monkeypatch.setattr(driver_mod, "COMMIT_NOTICE_DELAY", 60.0)
-    coords = [
-        Coordinator(d, self_member=raft_pb2.Member(member_id=d.member_id), join_bundle=None, max_voters=3)
-        for d in cluster
-    ]
+    coords = _coordinators(cluster)
     lead = await _leader(cluster)
     follower = next(d for d in cluster if d is not lead)
     index, _ = await lead.propose(_put(b"fw", b"0"), 5.0)
@@ -208,6 +208,50 @@ async def test_a_write_through_a_follower_is_applied_there_when_it_returns(
     took = time.monotonic() - started
     assert follower.state.kv_get(b"fw").value == b"1"  # type: ignore[union-attr]
     assert took < 0.9, f"the forwarded write took {took:.2f}s: the follower waited for the commit"
+
+
+def _coordinators(drivers: list[Driver]) -> list[Coordinator]:
+    return [
+        Coordinator(d, self_member=raft_pb2.Member(member_id=d.member_id), join_bundle=None, max_voters=3)
+        for d in drivers
+    ]
+
+
+def _forward_calls() -> float:
+    return REGISTRY.get_sample_value("tunnelmesh_raft_forward_calls_total") or 0.0
+
+
+async def _write_through_follower(cluster: list[Driver], coords: list[Coordinator], n: int) -> float:
+    """``n`` concurrent writes to one follower; returns how many forwarding calls it made."""
+    lead = await _leader(cluster)
+    follower = next(d for d in cluster if d is not lead)
+    calls = _forward_calls()
+    results = await asyncio.gather(
+        *(coords[cluster.index(follower)].write(_put(b"b%d" % i, b"v%d" % i, f"r{i}"), 5.0) for i in range(n))
+    )
+    assert all(not r.HasField("error") for r in results)
+    for i in range(n):  # each write is applied on the follower by the time its call returned
+        assert follower.state.kv_get(b"b%d" % i).value == b"v%d" % i  # type: ignore[union-attr]
+    return _forward_calls() - calls
+
+
+async def test_writes_through_a_follower_are_forwarded_in_batches(cluster: list[Driver]) -> None:
+    calls = await _write_through_follower(cluster, _coordinators(cluster), 60)
+    # Two calls leave at once (MAX_IN_FLIGHT), the other 58 writes wait for one of them and go together.
+    assert 1 <= calls <= 10, f"{calls} forwarding calls for 60 concurrent writes"
+
+
+async def test_a_leader_without_propose_batch_gets_one_propose_per_write(
+    cluster: list[Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unimplemented(request: raft_pb2.ProposeBatchRequest, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+    coords = _coordinators(cluster)
+    lead = await _leader(cluster)
+    monkeypatch.setattr(coords[cluster.index(lead)], "handle_propose_batch", unimplemented)
+    calls = await _write_through_follower(cluster, coords, 20)
+    assert calls >= 20  # the refused batch, then one Propose per write
 
 
 async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_their_index(

@@ -367,6 +367,10 @@ class RaftRequestHandler(Protocol):
         self, request: raft_pb2.ProposeRequest, context: Any
     ) -> raft_pb2.ProposeResponse: ...
 
+    async def handle_propose_batch(
+        self, request: raft_pb2.ProposeBatchRequest, context: Any
+    ) -> raft_pb2.ProposeBatchResponse: ...
+
     async def handle_read_index(
         self, request: raft_pb2.ReadIndexRequest, context: Any
     ) -> raft_pb2.ReadIndexResponse: ...
@@ -511,6 +515,12 @@ class _Servicer(raft_pb2_grpc.RaftServicer):
     async def Propose(self, request: raft_pb2.ProposeRequest, context: Any) -> raft_pb2.ProposeResponse:
         await self._check(request.header, context)
         return await self.t.handler().handle_propose(request, context)
+
+    async def ProposeBatch(
+        self, request: raft_pb2.ProposeBatchRequest, context: Any
+    ) -> raft_pb2.ProposeBatchResponse:
+        await self._check(request.header, context)
+        return await self.t.handler().handle_propose_batch(request, context)
 
     async def ReadIndex(self, request: raft_pb2.ReadIndexRequest, context: Any) -> raft_pb2.ReadIndexResponse:
         await self._check(request.header, context)

@@ -755,6 +755,98 @@ class ProposeResponse(_message.Message):
 Global___ProposeResponse: _TypeAlias = ProposeResponse  # noqa: Y015
 
 @_typing.final
+class ProposeBatchRequest(_message.Message):
+    """A follower forwards several commands to the leader."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___RaftHeader:
+        """Cluster, sender and recipient (see RaftHeader)."""
+
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Serialized tunnelmesh.v1.Command messages, each proposed as its own log entry."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RaftHeader | None = ...,
+        commands: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeBatchRequest: _TypeAlias = ProposeBatchRequest  # noqa: Y015
+
+@_typing.final
+class ProposeOutcome(_message.Message):
+    """What became of one forwarded command."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Log index the command was committed and applied at; 0 if it was not (see error)."""
+    result: _builtins.bytes
+    """A serialized tunnelmesh.v1.CommandResult (index > 0 only)."""
+    error: _builtins.str
+    """Why the command was not committed (the recipient is not the leader, or lost its leadership before the
+    entry committed, or the deadline passed): the follower retries it, with the same request id.
+    """
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        result: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeOutcome: _TypeAlias = ProposeOutcome  # noqa: Y015
+
+@_typing.final
+class ProposeBatchResponse(_message.Message):
+    """The leader's answer to a ProposeBatchRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___RaftHeader:
+        """Cluster, sender and recipient (see RaftHeader)."""
+
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProposeOutcome]:
+        """One per command of the request, in order."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___RaftHeader | None = ...,
+        outcomes: _abc.Iterable[Global___ProposeOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeBatchResponse: _TypeAlias = ProposeBatchResponse  # noqa: Y015
+
+@_typing.final
 class ReadIndexRequest(_message.Message):
     """A follower asks the leader for a read index."""
 

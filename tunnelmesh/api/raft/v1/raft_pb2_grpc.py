@@ -65,6 +65,11 @@ class RaftStub:
                 request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeBatch = channel.unary_unary(
+                '/tunnelmesh.raft.v1.Raft/ProposeBatch',
+                request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchRequest.SerializeToString,
+                response_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchResponse.FromString,
+                _registered_method=True)
         self.ReadIndex = channel.unary_unary(
                 '/tunnelmesh.raft.v1.Raft/ReadIndex',
                 request_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ReadIndexRequest.SerializeToString,
@@ -124,6 +129,15 @@ class RaftServicer:
 
     def Propose(self, request, context):
         """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProposeBatch(self, request, context):
+        """Follower-to-leader forwarding of several commands at once: what a follower's clients sent while its previous
+        batches were in flight. The leader proposes them together (one Raft batch) and answers each. A follower
+        whose ProposeBatch is answered UNIMPLEMENTED (a leader of an older version) forwards with Propose instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +205,11 @@ def add_RaftServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeRequest.FromString,
                     response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeBatch,
+                    request_deserializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchRequest.FromString,
+                    response_serializer=tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchResponse.SerializeToString,
             ),
             'ReadIndex': grpc.unary_unary_rpc_method_handler(
                     servicer.ReadIndex,
@@ -371,6 +390,33 @@ class Raft:
             '/tunnelmesh.raft.v1.Raft/Propose',
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeRequest.SerializeToString,
             tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelmesh.raft.v1.Raft/ProposeBatch',
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchRequest.SerializeToString,
+            tunnelmesh_dot_raft_dot_v1_dot_raft__pb2.ProposeBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,11 @@ class RaftStub:
     """
     Propose: _grpc.UnaryUnaryMultiCallable[_raft_pb2.ProposeRequest, _raft_pb2.ProposeResponse]
     """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command)."""
+    ProposeBatch: _grpc.UnaryUnaryMultiCallable[_raft_pb2.ProposeBatchRequest, _raft_pb2.ProposeBatchResponse]
+    """Follower-to-leader forwarding of several commands at once: what a follower's clients sent while its previous
+    batches were in flight. The leader proposes them together (one Raft batch) and answers each. A follower
+    whose ProposeBatch is answered UNIMPLEMENTED (a leader of an older version) forwards with Propose instead.
+    """
     ReadIndex: _grpc.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
     Send: _grpc.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]
@@ -102,6 +107,11 @@ class RaftAsyncStub(RaftStub):
     """
     Propose: _aio.UnaryUnaryMultiCallable[_raft_pb2.ProposeRequest, _raft_pb2.ProposeResponse]  # type: ignore[assignment]
     """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command)."""
+    ProposeBatch: _aio.UnaryUnaryMultiCallable[_raft_pb2.ProposeBatchRequest, _raft_pb2.ProposeBatchResponse]  # type: ignore[assignment]
+    """Follower-to-leader forwarding of several commands at once: what a follower's clients sent while its previous
+    batches were in flight. The leader proposes them together (one Raft batch) and answers each. A follower
+    whose ProposeBatch is answered UNIMPLEMENTED (a leader of an older version) forwards with Propose instead.
+    """
     ReadIndex: _aio.UnaryUnaryMultiCallable[_raft_pb2.ReadIndexRequest, _raft_pb2.ReadIndexResponse]  # type: ignore[assignment]
     """Follower-to-leader ReadIndex request, so followers can serve linearizable reads (thesis §6.4)."""
     Send: _aio.UnaryUnaryMultiCallable[_raft_pb2.MessageBatch, _raft_pb2.SendResponse]  # type: ignore[assignment]
@@ -172,6 +182,17 @@ class RaftServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_raft_pb2.ProposeResponse, _abc.Awaitable[_raft_pb2.ProposeResponse]]:
         """Follower-to-leader forwarding of a state-machine command (a serialized tunnelmesh.v1.Command)."""
+
+    @_abc_1.abstractmethod
+    def ProposeBatch(
+        self,
+        request: _raft_pb2.ProposeBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_raft_pb2.ProposeBatchResponse, _abc.Awaitable[_raft_pb2.ProposeBatchResponse]]:
+        """Follower-to-leader forwarding of several commands at once: what a follower's clients sent while its previous
+        batches were in flight. The leader proposes them together (one Raft batch) and answers each. A follower
+        whose ProposeBatch is answered UNIMPLEMENTED (a leader of an older version) forwards with Propose instead.
+        """
 
     @_abc_1.abstractmethod
     def ReadIndex(
