@@ -1,10 +1,12 @@
-"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal.
+"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal, and the offline
+disaster recovery `force-new-cluster`.
 
 Connection flags (--coord, --ca, --token, --data-dir, --profile): see cli/connect.py and docs/api.md."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from google.protobuf.json_format import MessageToDict
@@ -28,7 +30,7 @@ def _members_table(members: list[admin_pb2.Member]) -> None:
 
 @click.group("cluster")
 def cluster() -> None:
-    """Coordinator cluster: status, members, leadership transfer, member removal."""
+    """Coordinator cluster: status, members, leadership transfer, member removal, disaster recovery."""
 
 
 @cluster.command("status")
@@ -77,3 +79,33 @@ def remove(conn: Connection, member_id: str) -> None:
     """Remove MEMBER_ID from the cluster (its id is never reused; wipe its data dir to reuse the host)."""
     r: admin_pb2.RemoveMemberResponse = conn.run(lambda c: c.remove_member(member_id))
     click.echo(f"removed {member_id}; {len(r.members)} members remain")
+
+
+@cluster.command("force-new-cluster")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The data dir of a STOPPED surviving coordinator.",
+)
+@click.option("--yes", is_flag=True, help="Confirm: every other member is dropped from the cluster.")
+def force_new_cluster(data_dir: Path, yes: bool) -> None:
+    """Disaster recovery when a majority of coordinators is lost for good: make this stopped coordinator the
+    only member of its cluster, keeping everything in its log. Run once, then start it as usual and join new
+    coordinators to it (docs/high-availability.md)."""
+    from tunnelmesh.coord.raft.transport import member_label
+    from tunnelmesh.coord.recovery import force_new_cluster as recover
+    from tunnelmesh.coord.server import RAFT_DIR
+
+    if not yes:
+        raise click.UsageError(
+            "this drops every other member from the cluster (they can only rejoin wiped, under new ids); "
+            "run it only when a majority of the voters is lost for good, and confirm with --yes"
+        )
+    r = recover(data_dir / RAFT_DIR)
+    dropped = ", ".join(member_label(m) for m in r.removed) or "none"
+    click.echo(
+        f"cluster {r.cluster_id}: member {member_label(r.member_id)} is now its only voter (state up to "
+        f"index {r.index - 1}: {r.replayed} log entries replayed, {r.index - 1 - r.committed_before} of them "
+        f"not known committed before); removed: {dropped}. Start the coordinator as usual."
+    )

@@ -254,6 +254,27 @@ async def test_a_leader_without_propose_batch_gets_one_propose_per_write(
     assert calls >= 20  # the refused batch, then one Propose per write
 
 
+async def test_messages_from_a_removed_member_are_dropped(cluster: list[Driver]) -> None:
+    # A removed coordinator that keeps running still holds a certificate of the cluster: a heartbeat of a
+    # higher term from it would make the leader step down if it reached the core.
+    lead = await _leader(cluster)
+    term = lead.node.raft.term
+    ghost = 99
+    lead.registry.removed.add(ghost)
+
+    def refused() -> float:
+        return (
+            REGISTRY.get_sample_value("tunnelmesh_raft_messages_refused_total", {"reason": "removed_member"})
+            or 0.0
+        )
+
+    before = refused()
+    lead._deliver([Message(MessageType.HEARTBEAT, to=lead.member_id, frm=ghost, term=term + 5, commit=0)])
+    await asyncio.sleep(0.2)  # ten ticks: the loop has stepped whatever it was given
+    assert lead.is_leader and lead.node.raft.term == term
+    assert refused() == before + 1
+
+
 async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_their_index(
     tmp_path: Path,
 ) -> None:

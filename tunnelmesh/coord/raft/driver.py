@@ -92,7 +92,7 @@ from tunnelmesh.coord.raft.messages import (
 from tunnelmesh.coord.raft.progress import ProgressState
 from tunnelmesh.coord.raft.rawnode import RawNode
 from tunnelmesh.coord.raft.storage import SqliteStorage
-from tunnelmesh.coord.raft.transport import Transport, member_label
+from tunnelmesh.coord.raft.transport import REFUSED, Transport, member_label
 from tunnelmesh.coord.state import MeshState
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,18 @@ class Registry:
     def decode(cls, data: bytes) -> Registry:
         cs = raft_pb2.ConfState.FromString(data)
         return cls({m.member_id: m for m in cs.members}, set(cs.learners))
+
+    def apply_change(self, cc: ConfChange) -> None:
+        """A committed membership change: a removed id is kept forever; an added member's addresses come from
+        the change's context (a ``raft_pb2.Member``)."""
+        if cc.type == ConfChangeType.REMOVE_NODE:
+            self.members.pop(cc.node_id, None)
+            self.removed.add(cc.node_id)
+        elif cc.context:
+            try:
+                self.members[cc.node_id] = raft_pb2.Member.FromString(cc.context)
+            except Exception:
+                log.warning("event=raft_member_context_invalid member=%x", cc.node_id)
 
 
 def encode_snapshot(registry: Registry, state: bytes) -> bytes:
@@ -314,6 +326,12 @@ class Driver:
     # -- inputs from the transport ---------------------------------------------------------------------------
 
     def _deliver(self, msgs: Sequence[Message]) -> None:
+        removed = self.registry.removed
+        if removed and any(m.frm in removed for m in msgs):
+            # A removed member that kept running (or came back after a forced new cluster) still holds valid
+            # certificates: its votes and appends, perhaps from a higher term, must not disturb the cluster.
+            REFUSED.labels("removed_member").inc(sum(m.frm in removed for m in msgs))
+            msgs = [m for m in msgs if m.frm not in removed]
         if not msgs:
             return
         now = time.monotonic()
@@ -519,22 +537,14 @@ class Driver:
                     )
 
     def _apply_member_change(self, cc: ConfChange) -> None:
-        reg = self.registry
+        self.registry.apply_change(cc)
         if cc.type == ConfChangeType.REMOVE_NODE:
-            reg.members.pop(cc.node_id, None)
-            reg.removed.add(cc.node_id)
             log.info("event=raft_member_removed member=%x", cc.node_id)
             if cc.node_id == self.member_id:
                 log.warning(
                     "event=raft_self_removed detail='this coordinator is no longer a member; stop it'"
                 )
         else:
-            if cc.context:
-                try:
-                    m = raft_pb2.Member.FromString(cc.context)
-                    reg.members[cc.node_id] = m
-                except Exception:
-                    log.warning("event=raft_member_context_invalid member=%x", cc.node_id)
             log.info(
                 "event=raft_member_added member=%x role=%s voters=%s learners=%s",
                 cc.node_id,

@@ -75,7 +75,8 @@ SNAPSHOT_TIMEOUT = 60.0
 REFUSED = Counter(
     "tunnelmesh_raft_messages_refused",
     "Raft transport calls and messages refused, by reason (other_cluster, other_recipient, identity, "
-    "no_header, header_changed, undecodable).",
+    "no_header, header_changed, undecodable; removed_member: messages from a member removed from the "
+    "cluster, dropped by the driver).",
     ["reason"],
 )
 STREAM_FAILURES = Counter(

@@ -1,0 +1,83 @@
+"""Disaster recovery with real coordinator processes in netlab: a majority lost for good, the survivor forced
+into a new single-member cluster (`tunnelmesh cluster force-new-cluster`), keeps every write, serves again,
+ignores a lost member that comes back and grows again with a new coordinator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.coordlab import CoordLab, coord_argv
+from tunnelmesh.netlab import Lab
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="netlab needs root to create network namespaces"),
+    pytest.mark.timeout(180),
+]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(coord_argv(*args), capture_output=True, text=True, timeout=60)
+
+
+def test_force_new_cluster_brings_back_a_survivor_of_a_lost_majority(tmp_path: Path) -> None:
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        cl = CoordLab(lab, tmp_path)
+        cl.start_cluster(3)
+        leader = cl.leader()
+        survivor = next(c for c in cl.coords if c is not leader)  # any member will do; a follower here
+        lost = [c for c in cl.coords if c is not survivor]
+        keys = [f"k{i}" for i in range(40)]
+        assert all("error" not in r for r in cl.ops(cl.coords, [["put", k, f"v-{k}"] for k in keys]))
+        cl.wait_for(lambda s: s["commit"] > 0, timeout=10, what="a commit index", via=[survivor])
+
+        for c in lost:  # the majority is gone for good
+            c.kill()
+        survivor.stop()
+        refused = _cli("cluster", "force-new-cluster", "--data-dir", str(survivor.data_dir))
+        assert refused.returncode == 2 and "--yes" in refused.stderr, refused.stderr
+
+        done = _cli("cluster", "force-new-cluster", "--data-dir", str(survivor.data_dir), "--yes")
+        assert done.returncode == 0, done.stderr
+        assert "is now its only voter" in done.stdout
+        for c in lost:
+            assert c.member_id in done.stdout  # listed as removed
+
+        survivor.start()
+        st = cl.wait_for(
+            lambda s: s.get("leader") == survivor.member_id and s["voters"] == [survivor.member_id],
+            timeout=20,
+            what="the survivor leading alone",
+            via=[survivor],
+        )
+        got = cl.ops(survivor, [["get", k] for k in keys])
+        assert [r.get("value") for r in got] == [f"v-{k}" for k in keys]  # every acknowledged write kept
+        assert "error" not in cl.ops(survivor, [["put", "after", "recovery"]])[0]
+
+        # A lost coordinator comes back with its old data dir: it is not a member any more and must not
+        # disturb the new cluster (its messages are dropped; it cannot win or force an election).
+        zombie = lost[0]
+        zombie.start()
+        time.sleep(3.0)  # 15+ election timeouts of the zombie
+        again = cl.status(survivor)
+        assert again["leader"] == survivor.member_id and again["term"] == st["term"], again
+        assert "error" not in cl.ops(survivor, [["put", "still", "fine"]])[0]
+        zombie.kill()
+
+        # The cluster grows again: a new coordinator joins through the survivor and gets every key.
+        newcomer = cl.add()
+        newcomer.start("--seed", survivor.api, "--join-secret", cl.join_secret())
+        newcomer.wait_serving()
+        cl.wait_for(
+            lambda s: newcomer.member_id in s["voters"] + s["learners"],
+            timeout=30,
+            what="the newcomer in the membership",
+            via=[survivor],
+        )
+        got = cl.ops(newcomer, [["get", k] for k in [*keys, "after"]])
+        assert [r.get("value") for r in got] == [*(f"v-{k}" for k in keys), "recovery"]
