@@ -296,6 +296,14 @@ def test_add_and_remove_members_under_write_load_loses_no_acknowledged_write(
         via=stayers,
     )
     assert gone.member_id not in st["api"]
+    # The removed coordinator learns it (it applied its own removal, or a peer refused it as removed) and
+    # stops by itself; its data dir cannot serve again: a restart stops at once, for the same reason.
+    assert gone.proc is not None
+    assert gone.proc.wait(30) == 0, gone.log()[-2000:]
+    assert "was removed from cluster" in gone.log()
+    gone.start()
+    assert gone.proc.wait(30) == 0, gone.log()[-2000:]
+    assert gone.log().count("was removed from cluster") >= 1
     assert f"member={int(c4.member_id, 16):x}" in "".join(c.all_logs() for c in stayers)
 
     assert writer.wait(60) == 0, writer.log_text()

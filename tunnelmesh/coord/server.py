@@ -452,6 +452,9 @@ class CoordinatorProcess:
             credentials=creds,
             options=self.opts.driver,
         )
+        if driver.removed.is_set():
+            _report_removed(driver)  # exit status 0: a unit restarting on failure must not loop on it
+            return
         me = self._member(member_id, ident.storage_id)
         coord = Coordinator(
             driver,
@@ -530,9 +533,13 @@ class CoordinatorProcess:
                 actor = f"coordinator:{member_label(me.member_id)}"
                 pending = bootstrap.propose_pending(self.data_dir, coord.write, actor=actor)
                 tasks.append(tg.create_task(pending, name="bootstrap-commands"))
-            await stop.wait()
+            stopping = tg.create_task(stop.wait(), name="stop-signal")
+            removed = tg.create_task(driver.removed.wait(), name="removed")
+            await asyncio.wait([stopping, removed], return_when=asyncio.FIRST_COMPLETED)
+            if removed.done():
+                _report_removed(driver)
             log.info("event=coordinator_stopping")
-            for t in tasks:
+            for t in [*tasks, stopping, removed]:
                 t.cancel()
 
     async def _start_public(self, coord: Coordinator, creds: pki.CoordinatorCredentials) -> grpc.aio.Server:
@@ -573,6 +580,16 @@ class CoordinatorProcess:
         for n in ["", *names[:4]]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
         return server
+
+
+def _report_removed(driver: Driver) -> None:
+    msg = (
+        f"coordinator {member_label(driver.member_id)} was removed from cluster {driver.cluster_id}; its "
+        "data dir cannot serve again: to bring this machine back, wipe the data dir (or use a new one) and "
+        "join with --seed as a new member"
+    )
+    log.warning("event=coordinator_removed detail=%r", msg)
+    print(msg, flush=True)
 
 
 def run_coordinator(opts: CoordOptions) -> None:

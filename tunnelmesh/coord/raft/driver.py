@@ -249,12 +249,17 @@ class Driver:
         self.members_index = 0
         # Set (and replaced) after every batch of applied entries: config streams wait on it.
         self._applied_changed = asyncio.Event()
+        # Set once this member is out of the cluster: it applied its own removal, or a peer refused it as
+        # removed (the leader stops replicating to a removed member, which may never see the entry itself).
+        self.removed = asyncio.Event()
         snap = storage.snapshot()
         applied = 0
         if not snap.is_empty():
             self._restore_snapshot(snap)
             applied = snap.index
             self.members_index = snap.index
+            if member_id in self.registry.removed:
+                self.removed.set()
         self.applied = applied
         self._notified_applied = applied
         self.snapshot_index = snap.index
@@ -275,6 +280,8 @@ class Driver:
             report_unreachable=self._report_unreachable,
             report_snapshot=self._report_snapshot,
             rpc_timeout=max(0.5, self.opts.tick * self.opts.election_ticks),
+            is_removed=lambda member: member in self.registry.removed,
+            report_removed=self.removed.set,
         )
         self._inbox: list[Message] = []
         self._local: list[tuple[str, int, SnapshotStatus]] = []
@@ -541,9 +548,8 @@ class Driver:
         if cc.type == ConfChangeType.REMOVE_NODE:
             log.info("event=raft_member_removed member=%x", cc.node_id)
             if cc.node_id == self.member_id:
-                log.warning(
-                    "event=raft_self_removed detail='this coordinator is no longer a member; stop it'"
-                )
+                log.warning("event=raft_self_removed detail='this coordinator is no longer a member'")
+                self.removed.set()
         else:
             log.info(
                 "event=raft_member_added member=%x role=%s voters=%s learners=%s",

@@ -75,10 +75,12 @@ SNAPSHOT_TIMEOUT = 60.0
 REFUSED = Counter(
     "tunnelmesh_raft_messages_refused",
     "Raft transport calls and messages refused, by reason (other_cluster, other_recipient, identity, "
-    "no_header, header_changed, undecodable; removed_member: messages from a member removed from the "
-    "cluster, dropped by the driver).",
+    "no_header, header_changed, undecodable; removed_member: calls and messages from a member removed from "
+    "the cluster).",
     ["reason"],
 )
+REMOVED_DETAIL = "was removed from cluster"
+"""In the PERMISSION_DENIED detail a member gets for a message it sends after its removal: it stops then."""
 STREAM_FAILURES = Counter(
     "tunnelmesh_raft_stream_failures",
     "Outbound Raft peer streams that broke or could not be opened (the sender reconnects with backoff).",
@@ -410,6 +412,15 @@ class _Servicer(raft_pb2_grpc.RaftServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{who} may not send as member {member_label(header.from_id)}",
             )
+        await self._refuse_removed(header.from_id, context)
+
+    async def _refuse_removed(self, member_id: int, context: Any) -> None:
+        if self.t.is_removed(member_id):
+            REFUSED.labels("removed_member").inc()
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"member {member_label(member_id)} {REMOVED_DETAIL} {self.t.cluster_id}",
+            )
 
     def _peer(self, context: Any) -> pki.PeerIdentity | None:
         """``pki.authorize_coordinator``, memoized by the client certificate: parsing it on every batch would
@@ -460,6 +471,8 @@ class _Servicer(raft_pb2_grpc.RaftServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "a Raft stream's header may not change; open a new stream",
                 )
+            else:  # a stream opened before its sender was removed: end it, the sender learns why
+                await self._refuse_removed(header.from_id, context)
             deliver(self._decode(batch, header))
         if header is None:
             return raft_pb2.SendResponse()
@@ -594,6 +607,8 @@ class Transport:
         report_unreachable: Callable[[int], None],
         report_snapshot: Callable[[int, SnapshotStatus], None],
         rpc_timeout: float = 1.0,
+        is_removed: Callable[[int], bool] = lambda _member: False,
+        report_removed: Callable[[], None] = lambda: None,
     ) -> None:
         self.cluster_id = cluster_id
         self.member_id = member_id
@@ -603,6 +618,9 @@ class Transport:
         self.report_unreachable = report_unreachable
         self.report_snapshot = report_snapshot
         self.rpc_timeout = rpc_timeout
+        # Membership as the driver applied it: a removed member is refused, and told so (REMOVED_DETAIL).
+        self.is_removed = is_removed
+        self.report_removed = report_removed
         self.channel_credentials = pki.channel_credentials(credentials.trust_pem, credentials.identity)
         self._handler: RaftRequestHandler | None = None
         self._peers: dict[int, _Peer] = {}
@@ -808,6 +826,7 @@ class Transport:
                 call.cancel()
         if isinstance(exc, grpc.aio.AioRpcError):
             code, detail = exc.code(), exc.details() or detail
+        self._check_removed(code, detail)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             # An older coordinator without Stream: unary Send per batch from now on.
             p.legacy = True
@@ -826,6 +845,11 @@ class Transport:
             )
         self.report_unreachable(p.member_id)
 
+    def _check_removed(self, code: grpc.StatusCode | None, detail: str) -> None:
+        if code == grpc.StatusCode.PERMISSION_DENIED and REMOVED_DETAIL in detail:
+            log.warning("event=raft_removed_by_peer detail=%r", detail)
+            self.report_removed()
+
     async def _send_unary(self, p: _Peer, batch: list[Message]) -> bool:
         req = self._encode_batch(p, batch, with_header=True)
         if req is None:
@@ -834,6 +858,7 @@ class Transport:
             await p.stub.Send(req, timeout=self.rpc_timeout)
             return True
         except grpc.aio.AioRpcError as exc:
+            self._check_removed(exc.code(), exc.details() or "")
             self.dropped += len(batch)
             if p.down_since is None:
                 p.down_since = asyncio.get_running_loop().time()
