@@ -55,14 +55,16 @@ class Coord:
     member_id: str = ""
     starts: int = 0
     extra: list[str] = field(default_factory=list)
+    api_port: int = API_PORT  # change between starts to move the coordinator
+    raft_port: int = RAFT_PORT
 
     @property
     def api(self) -> str:
-        return f"{self.host.ip}:{API_PORT}"
+        return f"{self.host.ip}:{self.api_port}"
 
     @property
     def raft(self) -> str:
-        return f"{self.host.ip}:{RAFT_PORT}"
+        return f"{self.host.ip}:{self.raft_port}"
 
     def start(self, *args: str) -> Process:
         """Start (or restart) the coordinator; ``args`` are extra flags for the first start."""

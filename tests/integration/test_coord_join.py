@@ -1,6 +1,7 @@
 """Joining is explicit: a coordinator with an empty data dir and nothing to join refuses to start (no
 accidental second cluster); with ``--mdns`` and the join secret it finds a member on the LAN and joins as a
-learner (and stays one while promoting it would make the number of voters even). Needs root; about 15 s."""
+learner (and stays one while promoting it would make the number of voters even). A member restarted on other
+addresses makes the others use them. Needs root; about 30 s."""
 
 from __future__ import annotations
 
@@ -40,3 +41,31 @@ def test_empty_data_dir_without_bootstrap_refuses_and_mdns_join_adds_a_learner(t
         )
         assert st["voters"] == [c1.member_id]  # 2 voters would tolerate no more failures than 1
         assert cl.ops(c2, [["put", "k", "v"], ["get", "k"]])[1]["value"] == "v"
+
+
+def test_a_member_restarted_on_other_ports_is_reached_there(tmp_path: Path) -> None:
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        cl = CoordLab(lab, tmp_path)
+        cl.start_cluster(3)
+        leader = cl.leader()
+        mover = next(c for c in cl.coords if c is not leader)
+        others = [c for c in cl.coords if c is not mover]
+        mover.stop()
+        mover.api_port, mover.raft_port = 9443, 9444
+        mover.start()
+        mover.wait_serving()
+        # The leader replicates to the new Raft address: a write through the others reaches the mover.
+        assert "error" not in cl.ops(others, [["put", "moved", "yes"]])[0]
+        st = cl.wait_for(
+            lambda s: s["api"].get(mover.member_id) == mover.api,
+            timeout=30,
+            what="the new API address in the membership",
+            via=others,
+        )
+        assert sorted(st["voters"]) == sorted(c.member_id for c in cl.coords)
+        for _ in range(100):
+            got = cl.ops(mover, [["sget", "moved"]])[0]
+            if got.get("found"):
+                break
+        assert got.get("value") == "yes", got
+        assert "event=member_addresses_updated" in "".join(c.all_logs() for c in others)

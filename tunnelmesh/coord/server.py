@@ -529,6 +529,8 @@ class CoordinatorProcess:
             ]
             if self._needs_join:
                 tasks.append(tg.create_task(self._join(driver, me), name="join"))
+            else:  # restarted with other addresses: the others must learn them
+                tasks.append(tg.create_task(coord.advertise(me), name="advertise"))
             if (self.data_dir / bootstrap.PENDING_FILE).exists():
                 actor = f"coordinator:{member_label(me.member_id)}"
                 pending = bootstrap.propose_pending(self.data_dir, coord.write, actor=actor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 import time
@@ -298,8 +299,26 @@ class Coordinator:
                         f"{member.storage_id}: its data dir was replaced. Remove the old member and join as "
                         "a new one",
                     )
+                index = 0
+                if known != member:
+                    # The same member restarted with other addresses (or name): record them, with a
+                    # membership change that keeps its role, so that every member dials the new ones.
+                    kind = ConfChangeType.ADD_NODE if mid in cs.voters else ConfChangeType.ADD_LEARNER
+                    index = await self._conf_change(
+                        ConfChange(kind, mid, member.SerializeToString()), deadline
+                    )
+                    log.info(
+                        "event=member_addresses_updated member=%x raft_address=%s api_address=%s index=%d",
+                        mid,
+                        member.raft_address,
+                        member.api_address,
+                        index,
+                    )
                 return raft_pb2.JoinResponse(
-                    header=d.transport.header(mid), leader_id=d.member_id, members=list(reg.members.values())
+                    header=d.transport.header(mid),
+                    leader_id=d.member_id,
+                    conf_change_index=index,
+                    members=list(reg.members.values()),
                 )
             if not member.storage_id or not member.raft_address:
                 raise RequestFailed(
@@ -321,6 +340,36 @@ class Coordinator:
                 conf_change_index=index,
                 members=list(d.registry.members.values()),
             )
+
+    async def advertise(self, me: raft_pb2.Member, *, retry: float = 1.0) -> None:
+        """Make the cluster's record of this member match ``me`` (addresses given at this start). Until it
+        does, the others dial the old addresses and this member may not even learn who leads: so ask every
+        other member in turn, through its Raft port (``Join`` of a known member with the same storage id
+        updates the record, through the leader). Returns once this member has applied the new record."""
+        d = self.driver
+        # The record is in the log this member replays at start: compare only once that is applied.
+        with _suppress_deadline():
+            await d.wait_applied(d.storage.hard_state.commit, timeout=60.0)
+        while d.registry.members.get(me.member_id, me) != me:
+            index = 0
+            if d.is_leader:
+                with contextlib.suppress(RequestFailed):
+                    index = (await self.join(me, 5.0)).conf_change_index
+            for peer in [] if index else [m for m in d.registry.members if m != me.member_id]:
+                stub = d.transport.stub(peer)
+                if stub is None:
+                    continue
+                req = raft_pb2.JoinRequest(header=d.transport.header(peer), member=me)
+                try:
+                    index = (await stub.Join(req, timeout=5.0)).conf_change_index
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    log.info("event=member_advertise_retry peer=%x code=%s", peer, exc.code().name)
+            if not index:
+                await asyncio.sleep(retry)
+                continue
+            with _suppress_deadline():
+                await d.wait_applied(index, 5.0)
 
     async def _conf_change(self, cc: ConfChange, deadline: float) -> int:
         while True:
