@@ -6,6 +6,7 @@ addresses makes the others use them. Needs root; about 30 s."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def test_empty_data_dir_without_bootstrap_refuses_and_mdns_join_adds_a_learner(t
         )
         assert st["voters"] == [c1.member_id]  # 2 voters would tolerate no more failures than 1
         assert cl.ops(c2, [["put", "k", "v"], ["get", "k"]])[1]["value"] == "v"
+        # c2 announces itself on the LAN only once it is a member: nobody joins through a non-member.
+        assert c2.proc is not None
+        c2.proc.wait_for_log(rf"event=discovery_started mdns=on .*member={c2.member_id}", timeout=20)
+        text = c2.log()
+        announced = re.search(rf"event=discovery_started mdns=on .*member={c2.member_id}", text)
+        assert announced is not None and text.index("event=joined") < announced.start()
 
 
 def test_a_member_restarted_on_other_ports_is_reached_there(tmp_path: Path) -> None:

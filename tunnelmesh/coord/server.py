@@ -486,16 +486,31 @@ class CoordinatorProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        announcer = await self._announce(cluster_id, member_id)
+        announced: list[Any] = []
         try:
-            await self._run_tasks(driver, coord, me, stop)
+            await self._run_tasks(driver, coord, me, stop, announced)
         except* TunnelMeshError as eg:
             raise eg.exceptions[0] from None
         finally:
-            if announcer is not None:
+            for announcer in announced:
                 await announcer.stop()
             await edge.aclose()
             await public.stop(grace=0.5)
+
+    async def _announce_when_member(self, driver: Driver, announced: list[Any]) -> None:
+        """With ``--mdns``: announce once this coordinator is in the cluster's configuration (a joining one
+        only after its join committed), so that nobody on the LAN tries to join through a coordinator that is
+        not a member yet."""
+        member_id = driver.member_id
+        while True:
+            changed = driver.applied_changed  # taken before the check: no change is missed in between
+            cs = driver.conf_state
+            if member_id in cs.voters or member_id in cs.learners:
+                break
+            await changed.wait()
+        announcer = await self._announce(driver.cluster_id, member_id)
+        if announcer is not None:
+            announced.append(announcer)
 
     async def _announce(self, cluster_id: str, member_id: int) -> Any:
         """With ``--mdns``: announce this member (cluster id, member id, API address) so that new coordinators
@@ -519,7 +534,12 @@ class CoordinatorProcess:
         return disc
 
     async def _run_tasks(
-        self, driver: Driver, coord: Coordinator, me: raft_pb2.Member, stop: asyncio.Event
+        self,
+        driver: Driver,
+        coord: Coordinator,
+        me: raft_pb2.Member,
+        stop: asyncio.Event,
+        announced: list[Any],
     ) -> None:
         async with asyncio.TaskGroup() as tg:
             tasks = [
@@ -531,6 +551,8 @@ class CoordinatorProcess:
                 tasks.append(tg.create_task(self._join(driver, me), name="join"))
             else:  # restarted with other addresses: the others must learn them
                 tasks.append(tg.create_task(coord.advertise(me), name="advertise"))
+            if self.opts.mdns:
+                tasks.append(tg.create_task(self._announce_when_member(driver, announced), name="mdns"))
             if (self.data_dir / bootstrap.PENDING_FILE).exists():
                 actor = f"coordinator:{member_label(me.member_id)}"
                 pending = bootstrap.propose_pending(self.data_dir, coord.write, actor=actor)
