@@ -1,7 +1,7 @@
 """Joining is explicit: a coordinator with an empty data dir and nothing to join refuses to start (no
 accidental second cluster); with ``--mdns`` and the join secret it finds a member on the LAN and joins as a
 learner (and stays one while promoting it would make the number of voters even). A member restarted on other
-addresses makes the others use them. Needs root; about 30 s."""
+addresses makes the others use them; the join secret rotates by rolling restart. Needs root; about 45 s."""
 
 from __future__ import annotations
 
@@ -76,3 +76,28 @@ def test_a_member_restarted_on_other_ports_is_reached_there(tmp_path: Path) -> N
                 break
         assert got.get("value") == "yes", got
         assert "event=member_addresses_updated" in "".join(c.all_logs() for c in others)
+
+
+def test_rotating_the_join_secret_by_rolling_restart(tmp_path: Path) -> None:
+    """The documented rotation: new secret into every coordinator's data dir, restart them one at a time."""
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        cl = CoordLab(lab, tmp_path)
+        cl.start_cluster(3)
+        old = cl.join_secret()
+        new = "rotated-" + "x" * 32
+        for c in list(cl.coords):
+            (c.data_dir / "join-secret").write_text(new + "\n")
+            c.stop()
+            c.start()
+            c.wait_serving()
+            cl.wait_for(lambda s: s.get("leader") and len(s["voters"]) == 3, timeout=30, what="a leader")
+        refused = cl.add()
+        proc = refused.start("--seed", cl.coords[0].api, "--join-secret", old)
+        assert proc.wait(30) == 1
+        assert "wrong secret" in proc.log_text(), proc.log_text()[-2000:]
+        joiner = cl.add()
+        joiner.start("--seed", cl.coords[1].api, "--join-secret", new)
+        joiner.wait_serving()
+        cl.wait_for(
+            lambda s: joiner.member_id in s["learners"] + s["voters"], timeout=30, what="the joiner, a member"
+        )
