@@ -90,7 +90,7 @@ from tunnelmesh.node.wg.constants import (
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
 )
-from tunnelmesh.node.wg.crypto import TAI64N
+from tunnelmesh.node.wg.crypto import AEAD, TAI64N
 from tunnelmesh.node.wg.device import UNCHANGED, _Unchanged
 from tunnelmesh.node.wg.keypair import Keypair, ReplayedCounter
 from tunnelmesh.node.wg.timers import Timers
@@ -252,6 +252,7 @@ class DataPlane:
             rng=random.SystemRandom(),
             timestamp=lambda: TAI64N(time.time()),
             mtu=config.mtu,
+            jitter_rng=random.Random(),
         )
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -308,6 +309,9 @@ class DataPlane:
 
     def start(self) -> DataPlane:
         cfg = self.config
+        # OpenSSL looks the cipher up on its first use in a process (~1 ms here): pay that now rather than
+        # in the first handshake, where it delays the first packet on both sides.
+        AEAD(bytes(32), 0, b"", b"")
         # The namespace the interface lives in: later route changes run there, whichever thread asks.
         self._netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -22,6 +22,8 @@ from tunnelmesh.node.wg.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
 )
+from tunnelmesh.node.wg.crypto import DH_PUBKEY, clamp_private_key
+from tunnelmesh.node.wg.device import Device
 from tunnelmesh.node.wg.timers import TimerAction, Timers
 
 from .harness import A_TUNNEL, B_TUNNEL, Net, ipv4_packet
@@ -195,3 +197,31 @@ def test_6_timers_poll_reports_and_disarms_due_timers() -> None:
     assert timers.poll(KEEPALIVE_TIMEOUT) == [TimerAction.SEND_KEEPALIVE]
     assert timers.poll(1e9) == []
     assert timers.next_deadline() is None
+
+
+class _Recording(random.Random):
+    """Counts draws of floats (timer jitter: ``uniform``) and of bits (keys, indexes: ``randbytes``)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.floats = self.bits = 0
+
+    def random(self) -> float:
+        self.floats += 1
+        return super().random()
+
+    def getrandbits(self, k: int) -> int:
+        self.bits += 1
+        return super().getrandbits(k)
+
+
+def test_6_timer_jitter_comes_from_jitter_rng_and_keys_from_rng() -> None:
+    """Jitter needs no secrecy (the shell passes a plain PRNG and saves a getrandom per send); ephemeral keys,
+    indexes and cookie secrets still come from ``rng`` only."""
+    keys, jitter = _Recording(1), _Recording(2)
+    a = Device(clamp_private_key(bytes(range(32))), rng=keys, timestamp=lambda: bytes(12), jitter_rng=jitter)
+    peer = a.add_peer(DH_PUBKEY(clamp_private_key(bytes(range(1, 33)))), endpoint=("192.0.2.2", 51820))
+    assert peer.timers.rng is jitter
+    a.initiate_handshake(0.0, peer.public_key)
+    assert jitter.floats >= 1 and jitter.bits == 0  # the retransmission's jitter
+    assert keys.bits >= 1 and keys.floats == 0  # the ephemeral key and the local index

@@ -16,8 +16,10 @@ Set :attr:`Device.under_load` when the shell's handshake queue backs up: handsha
 mac2 are then answered with cookie replies and cost no Diffie-Hellman.
 
 Nothing here reads a clock or the OS RNG: randomness comes from the ``rng`` passed in (use
-``random.SystemRandom()`` in production) and TAI64N timestamps from ``timestamp`` (wall clock in production,
-``lambda: TAI64N(time.time())``).
+``random.SystemRandom()`` in production: it makes keys, indexes and cookie secrets), timer jitter from
+``jitter_rng`` (defaults to ``rng``; needs no secrecy, so production passes a plain ``random.Random()`` and
+saves a ``getrandom`` syscall per data packet sent after a reply) and TAI64N timestamps from ``timestamp``
+(wall clock in production, ``lambda: TAI64N(time.time())``).
 """
 
 from __future__ import annotations
@@ -101,9 +103,11 @@ class Device:
         rng: random.Random,
         timestamp: Callable[[], bytes],
         mtu: int = 1420,
+        jitter_rng: random.Random | None = None,
     ) -> None:
         self.identity = StaticIdentity.from_private_key(private_key)
         self.rng = rng
+        self.jitter_rng = rng if jitter_rng is None else jitter_rng
         self.timestamp = timestamp
         self.mtu = mtu
         self.under_load = False
@@ -139,7 +143,7 @@ class Device:
         peer = Peer(
             self.identity,
             public_key,
-            rng=self.rng,
+            rng=self.jitter_rng,
             preshared_key=preshared_key,
             endpoint=endpoint,
             persistent_keepalive=persistent_keepalive,

@@ -36,7 +36,7 @@ class Peer:
         identity: StaticIdentity,
         public_key: bytes,
         *,
-        rng: random.Random,
+        rng: random.Random,  # timer jitter only
         preshared_key: bytes | None = None,
         endpoint: Endpoint | None = None,
         persistent_keepalive: float = 0.0,
