@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import secrets
 import time
@@ -351,25 +350,31 @@ class Coordinator:
         with _suppress_deadline():
             await d.wait_applied(d.storage.hard_state.commit, timeout=60.0)
         while d.registry.members.get(me.member_id, me) != me:
-            index = 0
-            if d.is_leader:
-                with contextlib.suppress(RequestFailed):
-                    index = (await self.join(me, 5.0)).conf_change_index
-            for peer in [] if index else [m for m in d.registry.members if m != me.member_id]:
-                stub = d.transport.stub(peer)
-                if stub is None:
-                    continue
-                req = raft_pb2.JoinRequest(header=d.transport.header(peer), member=me)
-                try:
-                    index = (await stub.Join(req, timeout=5.0)).conf_change_index
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    log.info("event=member_advertise_retry peer=%x code=%s", peer, exc.code().name)
+            index = await self._record_addresses(me)
             if not index:
                 await asyncio.sleep(retry)
                 continue
             with _suppress_deadline():
                 await d.wait_applied(index, 5.0)
+
+    async def _record_addresses(self, me: raft_pb2.Member) -> int:
+        """One round of ``advertise``: the index of the committed change, 0 if nobody could make it."""
+        d = self.driver
+        if d.is_leader:
+            try:
+                return (await self.join(me, 5.0)).conf_change_index
+            except RequestFailed:
+                return 0
+        for peer in [m for m in d.registry.members if m != me.member_id]:
+            stub = d.transport.stub(peer)
+            if stub is None:
+                continue
+            req = raft_pb2.JoinRequest(header=d.transport.header(peer), member=me)
+            try:
+                return (await stub.Join(req, timeout=5.0)).conf_change_index
+            except grpc.aio.AioRpcError as exc:
+                log.info("event=member_advertise_retry peer=%x code=%s", peer, exc.code().name)
+        return 0
 
     async def _conf_change(self, cc: ConfChange, deadline: float) -> int:
         while True:
