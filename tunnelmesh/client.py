@@ -281,6 +281,23 @@ class Client:
         r: admin_pb2.RemoveMemberResponse = await self._via_leader("RemoveMember", req)
         return r
 
+    async def save_snapshot(self) -> tuple[admin_pb2.SnapshotInfo, bytes, bytes]:
+        """(info, data, sha256) of an online backup taken by the coordinator serving the call (any member; it
+        runs a read barrier first). A stream cut short is retried whole, within the deadline."""
+
+        async def fn(ch: grpc.aio.Channel, t: float) -> tuple[admin_pb2.SnapshotInfo, bytes, bytes]:
+            info, parts, sha = admin_pb2.SnapshotInfo(), [], b""
+            async for chunk in admin_pb2_grpc.AdminServiceStub(ch).SaveSnapshot(
+                admin_pb2.SaveSnapshotRequest(), timeout=t
+            ):
+                if chunk.HasField("info"):
+                    info = chunk.info
+                parts.append(chunk.data)
+                sha = chunk.sha256 or sha
+            return info, b"".join(parts), sha
+
+        return await self._call(fn)
+
     # -- nodes and tokens (any coordinator serves them; mutations keep one request id across retries) --------
 
     async def list_nodes(

@@ -149,7 +149,8 @@ def test_node_service_methods() -> None:
 
 
 def test_admin_service_methods_and_roles() -> None:
-    """Every AdminService method is unary and names the least role allowed to call it (fail closed)."""
+    """Every AdminService method names the least role allowed to call it (fail closed); all are unary but the
+    backup stream."""
     service = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
     expected = {
         "ListNodes": common_pb2.ROLE_READ_ONLY,
@@ -166,19 +167,23 @@ def test_admin_service_methods_and_roles() -> None:
         "ListMembers": common_pb2.ROLE_READ_ONLY,
         "TransferLeadership": common_pb2.ROLE_ADMIN,
         "RemoveMember": common_pb2.ROLE_ADMIN,
+        "SaveSnapshot": common_pb2.ROLE_ADMIN,
     }
     roles = {m.name: m.GetOptions().Extensions[common_pb2.required_role] for m in service.methods}
     assert roles == expected
-    assert set(_shapes(service).values()) == {UNARY}
+    shapes = _shapes(service)
+    assert shapes.pop("SaveSnapshot") == (False, True)
+    assert set(shapes.values()) == {UNARY}
     for name in expected:
         assert hasattr(admin_pb2_grpc.AdminServiceServicer, name)
 
 
 def test_mutating_admin_requests_carry_a_request_id() -> None:
-    """Retries of writes apply once: every request of a non-List/Get method starts with request_id."""
+    """Retries of writes apply once: every request of a method that changes something (not List/Get, not the
+    backup, which only reads) starts with request_id."""
     service = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
     for method in service.methods:
-        if method.name.startswith(("List", "Get")):
+        if method.name.startswith(("List", "Get")) or method.name == "SaveSnapshot":
             continue
         field = method.input_type.fields_by_name.get("request_id")
         assert field is not None and field.number == 1, f"{method.name} needs `string request_id = 1`"

@@ -1,5 +1,5 @@
-"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal, and the offline
-disaster recovery `force-new-cluster`.
+"""`tunnelmesh cluster`: coordinator cluster status, members, leadership transfer, removal, online backups
+(`snapshot save|inspect|restore`) and the offline disaster recovery `force-new-cluster`.
 
 Connection flags (--coord, --ca, --token, --data-dir, --profile): see cli/connect.py and docs/api.md."""
 
@@ -108,4 +108,98 @@ def force_new_cluster(data_dir: Path, yes: bool) -> None:
         f"cluster {r.cluster_id}: member {member_label(r.member_id)} is now its only voter (state up to "
         f"index {r.index - 1}: {r.replayed} log entries replayed, {r.index - 1 - r.committed_before} of them "
         f"not known committed before); removed: {dropped}. Start the coordinator as usual."
+    )
+
+
+@cluster.group("snapshot")
+def snapshot() -> None:
+    """Online backups of the replicated state: save, inspect, restore (docs/high-availability.md)."""
+
+
+def _describe(info: admin_pb2.SnapshotInfo) -> str:
+    taken = info.taken_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"cluster {info.cluster_id}, index {info.index} (term {info.term}), taken by member {info.taken_by} "
+        f"at {taken}, {info.size} bytes"
+    )
+
+
+@snapshot.command("save")
+@connection_options
+@click.argument("file", type=click.Path(dir_okay=False, writable=True, path_type=Path))
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds the whole transfer may take.")
+def snapshot_save(conn: Connection, file: Path, timeout: float) -> None:
+    """Save a backup of the running cluster to FILE (0600; replaced atomically): every write acknowledged
+    before the call, as the serving coordinator has applied it. Needs an admin token."""
+    from tunnelmesh.coord.recovery import write_backup
+
+    info, data, sha = conn.run(lambda c: c.save_snapshot(), deadline=timeout, attempt_timeout=timeout)
+    write_backup(file, info, data, sha)
+    click.echo(f"saved {file}: {_describe(info)}, sha256 {sha.hex()}")
+
+
+@snapshot.command("inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_json_option
+def snapshot_inspect(file: Path, as_json: bool) -> None:
+    """Check a backup file (checksum, decodes) and show what it holds."""
+    from tunnelmesh.coord.raft.driver import decode_snapshot
+    from tunnelmesh.coord.raft.transport import member_label
+    from tunnelmesh.coord.recovery import read_backup
+    from tunnelmesh.coord.state import MeshState
+
+    backup = read_backup(file)
+    registry, state_bytes = decode_snapshot(backup.data)
+    st = MeshState.from_snapshot(state_bytes) if state_bytes else MeshState()
+    members = {member_label(k): m.raft_address for k, m in sorted(registry.members.items())}
+    summary = {
+        "info": MessageToDict(backup.info),
+        "sha256": backup.sha256.hex(),
+        "members": members,
+        "removed_members": sorted(member_label(m) for m in registry.removed),
+        "nodes": st.node_count,
+        "join_tokens": len(st.join_tokens()),
+        "api_tokens": len(st.api_tokens()),
+        "kv_keys": len(st.kv_items()),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{file}: OK (sha256 {backup.sha256.hex()})")
+    click.echo(_describe(backup.info))
+    click.echo(f"members   {', '.join(f'{k} ({v})' for k, v in members.items()) or 'none'}")
+    click.echo(
+        f"holds     {summary['nodes']} nodes, {summary['join_tokens']} join tokens, "
+        f"{summary['api_tokens']} API tokens, {summary['kv_keys']} KV keys"
+    )
+
+
+@snapshot.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The data dir of a STOPPED coordinator of the backup's cluster.",
+)
+@click.option("--yes", is_flag=True, help="Confirm: its state is replaced and every other member dropped.")
+def snapshot_restore(file: Path, data_dir: Path, yes: bool) -> None:
+    """Make the stopped coordinator in --data-dir the only member of its cluster, with the state saved in
+    FILE (what it held beyond that is dropped). Then start it as usual and join new coordinators to it."""
+    from tunnelmesh.coord.raft.transport import member_label
+    from tunnelmesh.coord.recovery import read_backup, restore_backup
+    from tunnelmesh.coord.server import RAFT_DIR
+
+    backup = read_backup(file)  # checked before asking for --yes: a bad file fails either way
+    if not yes:
+        raise click.UsageError(
+            f"this replaces the state of the coordinator in {data_dir} with {file} "
+            f"({_describe(backup.info)}) and drops every other member from the cluster; confirm with --yes"
+        )
+    r = restore_backup(data_dir / RAFT_DIR, backup)
+    dropped = ", ".join(member_label(m) for m in r.removed) or "none"
+    click.echo(
+        f"cluster {r.cluster_id}: member {member_label(r.member_id)} is now its only voter, with the state "
+        f"of {file} (index {backup.info.index}; new index {r.index}); removed: {dropped}. Start the "
+        "coordinator as usual."
     )

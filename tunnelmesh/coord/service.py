@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -563,6 +564,8 @@ MAX_API_TOKEN_TTL = (
 )  # seconds; far enough for any rotation policy, inside Timestamp's range
 _VALID_ROLES = {common_pb2.ROLE_READ_ONLY, common_pb2.ROLE_OPERATOR, common_pb2.ROLE_ADMIN}
 
+SNAPSHOT_CHUNK = 1 << 20  # bytes of snapshot data per SaveSnapshot message (well under gRPC's 4 MiB limit)
+
 ADMIN_FAILURES = Counter(
     "tunnelmesh_admin_requests_failed",
     "AdminService node and token calls that failed, by method and gRPC status code (bad input included).",
@@ -1053,6 +1056,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _fail(context, exc)
             raise
         return admin_pb2.RemoveMemberResponse(members=self.c.members_proto())
+
+    async def SaveSnapshot(
+        self, request: admin_pb2.SaveSnapshotRequest, context: Any
+    ) -> AsyncIterator[admin_pb2.SnapshotChunk]:
+        async def take() -> tuple[int, int, bytes]:
+            await self.c.read_barrier(_remaining(context))  # includes every write acknowledged before
+            return await self.c.driver.backup()
+
+        index, term, data = await self._serve("SaveSnapshot", context, take)
+        info = admin_pb2.SnapshotInfo(
+            cluster_id=self.c.cluster_id,
+            index=index,
+            term=term,
+            taken_by=member_label(self.c.driver.member_id),
+            taken_at=ns_to_timestamp(time.time_ns()),
+            size=len(data),
+        )
+        log.info("event=snapshot_saved index=%d term=%d bytes=%d", index, term, len(data))
+        view = memoryview(data)
+        for off in range(0, max(len(data), 1), SNAPSHOT_CHUNK):
+            chunk = admin_pb2.SnapshotChunk(data=bytes(view[off : off + SNAPSHOT_CHUNK]))
+            if off == 0:
+                chunk.info.CopyFrom(info)
+            if off + SNAPSHOT_CHUNK >= len(data):
+                chunk.sha256 = hashlib.sha256(data).digest()
+            yield chunk
 
 
 class ClusterJoinServicer(cluster_pb2_grpc.ClusterJoinServiceServicer):

@@ -56,6 +56,7 @@ def test_every_admin_and_kv_method_declares_its_least_role() -> None:
     assert roles[PUT] == common_pb2.ROLE_OPERATOR
     assert roles["/tunnelmesh.v1.KvService/Get"] == common_pb2.ROLE_READ_ONLY
     assert roles["/tunnelmesh.v1.AdminService/RemoveMember"] == common_pb2.ROLE_ADMIN
+    assert roles["/tunnelmesh.v1.AdminService/SaveSnapshot"] == common_pb2.ROLE_ADMIN
 
 
 def test_roles_are_cumulative() -> None:

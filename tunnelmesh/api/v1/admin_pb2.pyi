@@ -1050,3 +1050,128 @@ class RemoveMemberResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveMemberResponse: _TypeAlias = RemoveMemberResponse  # noqa: Y015
+
+@_typing.final
+class SaveSnapshotRequest(_message.Message):
+    """SaveSnapshot takes no parameters: the serving coordinator backs up what it has applied after a read barrier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveSnapshotRequest: _TypeAlias = SaveSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotInfo(_message.Message):
+    """What a snapshot (and a backup file) holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    TAKEN_BY_FIELD_NUMBER: _builtins.int
+    TAKEN_AT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    """The cluster it belongs to."""
+    index: _builtins.int
+    """Raft index of the last entry whose effect it includes."""
+    term: _builtins.int
+    """Raft term of the serving coordinator when it was taken."""
+    taken_by: _builtins.str
+    """The coordinator that took it (member id)."""
+    size: _builtins.int
+    """Size of the data in bytes."""
+    @_builtins.property
+    def taken_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was taken."""
+
+    def __init__(
+        self,
+        *,
+        cluster_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        term: _builtins.int = ...,
+        taken_by: _builtins.str = ...,
+        taken_at: _timestamp_pb2.Timestamp | None = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["taken_at", b"taken_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "index", b"index", "size", b"size", "taken_at", b"taken_at", "taken_by", b"taken_by", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotInfo: _TypeAlias = SnapshotInfo  # noqa: Y015
+
+@_typing.final
+class SnapshotChunk(_message.Message):
+    """One piece of a SaveSnapshot stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the snapshot data."""
+    sha256: _builtins.bytes
+    """Set on the last chunk: SHA-256 of the whole data."""
+    @_builtins.property
+    def info(self) -> Global___SnapshotInfo:
+        """Set on the first chunk."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        info: Global___SnapshotInfo | None = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotChunk: _TypeAlias = SnapshotChunk  # noqa: Y015
+
+@_typing.final
+class ClusterBackup(_message.Message):
+    """A backup file (`tunnelmesh cluster snapshot save`): the bytes "TMBACKUP1\\n", then this message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The snapshot data (member registry + mesh state, as in a Raft snapshot)."""
+    sha256: _builtins.bytes
+    """SHA-256 of data."""
+    @_builtins.property
+    def info(self) -> Global___SnapshotInfo:
+        """What the backup holds (as in the first SnapshotChunk)."""
+
+    def __init__(
+        self,
+        *,
+        info: Global___SnapshotInfo | None = ...,
+        data: _builtins.bytes = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterBackup: _TypeAlias = ClusterBackup  # noqa: Y015

@@ -107,6 +107,11 @@ class AdminServiceStub:
                 request_serializer=tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberRequest.SerializeToString,
                 response_deserializer=tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberResponse.FromString,
                 _registered_method=True)
+        self.SaveSnapshot = channel.unary_stream(
+                '/tunnelmesh.v1.AdminService/SaveSnapshot',
+                request_serializer=tunnelmesh_dot_v1_dot_admin__pb2.SaveSnapshotRequest.SerializeToString,
+                response_deserializer=tunnelmesh_dot_v1_dot_admin__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -220,6 +225,16 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveSnapshot(self, request, context):
+        """An online backup: the replicated state (mesh state and member registry) as of a linearizable read on the
+        serving coordinator, streamed in chunks. The first chunk carries `info`, the last `sha256` of all the
+        data. Admin only: it holds every node record, token hash and KV value. `tunnelmesh cluster snapshot save`
+        writes it to a file; `... restore` turns a stopped coordinator into a single-member cluster from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -292,6 +307,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemoveMember,
                     request_deserializer=tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberRequest.FromString,
                     response_serializer=tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'SaveSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.SaveSnapshot,
+                    request_deserializer=tunnelmesh_dot_v1_dot_admin__pb2.SaveSnapshotRequest.FromString,
+                    response_serializer=tunnelmesh_dot_v1_dot_admin__pb2.SnapshotChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -675,6 +695,33 @@ class AdminService:
             '/tunnelmesh.v1.AdminService/RemoveMember',
             tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberRequest.SerializeToString,
             tunnelmesh_dot_v1_dot_admin__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunnelmesh.v1.AdminService/SaveSnapshot',
+            tunnelmesh_dot_v1_dot_admin__pb2.SaveSnapshotRequest.SerializeToString,
+            tunnelmesh_dot_v1_dot_admin__pb2.SnapshotChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,12 @@ class AdminServiceStub:
     """Removes a member from the cluster (a dead coordinator, or one being decommissioned).
     FAILED_PRECONDITION if removing it would leave no voter.
     """
+    SaveSnapshot: _grpc.UnaryStreamMultiCallable[_admin_pb2.SaveSnapshotRequest, _admin_pb2.SnapshotChunk]
+    """An online backup: the replicated state (mesh state and member registry) as of a linearizable read on the
+    serving coordinator, streamed in chunks. The first chunk carries `info`, the last `sha256` of all the
+    data. Admin only: it holds every node record, token hash and KV value. `tunnelmesh cluster snapshot save`
+    writes it to a file; `... restore` turns a stopped coordinator into a single-member cluster from it.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -132,6 +138,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RemoveMember: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveMemberRequest, _admin_pb2.RemoveMemberResponse]  # type: ignore[assignment]
     """Removes a member from the cluster (a dead coordinator, or one being decommissioned).
     FAILED_PRECONDITION if removing it would leave no voter.
+    """
+    SaveSnapshot: _aio.UnaryStreamMultiCallable[_admin_pb2.SaveSnapshotRequest, _admin_pb2.SnapshotChunk]  # type: ignore[assignment]
+    """An online backup: the replicated state (mesh state and member registry) as of a linearizable read on the
+    serving coordinator, streamed in chunks. The first chunk carries `info`, the last `sha256` of all the
+    data. Admin only: it holds every node record, token hash and KV value. `tunnelmesh cluster snapshot save`
+    writes it to a file; `... restore` turns a stopped coordinator into a single-member cluster from it.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -261,6 +273,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RemoveMemberResponse, _abc.Awaitable[_admin_pb2.RemoveMemberResponse]]:
         """Removes a member from the cluster (a dead coordinator, or one being decommissioned).
         FAILED_PRECONDITION if removing it would leave no voter.
+        """
+
+    @_abc_1.abstractmethod
+    def SaveSnapshot(
+        self,
+        request: _admin_pb2.SaveSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.SnapshotChunk], _abc.AsyncIterator[_admin_pb2.SnapshotChunk]]:
+        """An online backup: the replicated state (mesh state and member registry) as of a linearizable read on the
+        serving coordinator, streamed in chunks. The first chunk carries `info`, the last `sha256` of all the
+        data. Admin only: it holds every node record, token hash and KV value. `tunnelmesh cluster snapshot save`
+        writes it to a file; `... restore` turns a stopped coordinator into a single-member cluster from it.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -597,6 +597,16 @@ class Driver:
         self._snapshot_task = asyncio.create_task(asyncio.to_thread(encode), name="raft-snapshot-encode")
         self._snapshot_task.add_done_callback(lambda _: self._wake.set())
 
+    async def backup(self) -> tuple[int, int, bytes]:
+        """(index, term, snapshot data) of the state applied here now: the same copy-then-encode as
+        ``_maybe_snapshot``, handed to the caller instead of recorded (an online backup; the caller runs a
+        read barrier first if it must include every write acknowledged before)."""
+        index, term = self.applied, self.node.raft.term
+        registry = Registry(dict(self.registry.members), set(self.registry.removed))
+        view = snapshot_view(self.state)
+        data = await asyncio.to_thread(lambda: encode_snapshot(registry, view.snapshot()))
+        return index, term, data
+
     async def _record_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> None:
         snap = await asyncio.to_thread(self.storage.create_snapshot, index, conf_state, data)
         self.snapshot_index = snap.index
