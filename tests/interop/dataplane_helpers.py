@@ -2,8 +2,9 @@
 
 TunnelMesh nodes run as real ``python -m tunnelmesh.cli.dataplane_cmd up --config FILE`` processes (the
 `tunnelmesh dataplane up` command) inside netlab hosts; the tests read their state through the control socket
-(``show --json``) exactly as a user would. ``wireguard-go`` runs in the foreground (``-f``) and is configured
-with ``wg``; interface names carry the lab id because its control socket path is global.
+(``show --json``) exactly as a user would; tests of the Python API itself (live peer changes, status,
+metrics, sockets) drive an in-process ``Engine`` instead. ``wireguard-go`` runs in the foreground (``-f``)
+and is configured with ``wg``; interface names carry the lab id because its control socket path is global.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nacl.public
+from prometheus_client import CollectorRegistry
+
 from tunnelmesh.netlab import Lab
 from tunnelmesh.netlab.process import Process
 from tunnelmesh.netlab.topology import Host
+from tunnelmesh.node.dataplane import DataPlane, InterfaceConfig, PeerConfig, PeerStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 WG_PORT = 51820
@@ -89,6 +94,58 @@ def wg_quick_text(private_key: str, address: str, peers: list[PeerSpec], port: i
             lines.append(f"PersistentKeepalive = {p.keepalive}")
         lines.append("")
     return "\n".join(lines)
+
+
+class Engine:
+    """A data plane in this process, in netlab ``host``'s namespace, driven through its Python API (as the
+    node agent does). TUN address ``tun_ip``/24, UDP port ``WG_PORT``, metrics in its own ``registry``."""
+
+    def __init__(
+        self,
+        host: Host,
+        name: str,
+        lab_id: str,
+        tun_ip: str,
+        *,
+        offloads: bool = True,
+        listen_host: str | None = None,
+    ) -> None:
+        self.host, self.name, self.tun_ip = host, name, tun_ip
+        self.key = nacl.public.PrivateKey.generate()
+        self.public = bytes(self.key.public_key)
+        self.registry = CollectorRegistry()
+        self.plane = DataPlane(
+            InterfaceConfig(
+                private_key=bytes(self.key),
+                name=f"tm{lab_id}{name}",  # unique per lab, as wireguard-go's would need
+                listen_port=WG_PORT,
+                addresses=(f"{tun_ip}/24",),
+                offloads=offloads,
+                listen_host=listen_host,
+            ),
+            registry=self.registry,
+        )
+
+    def start(self) -> None:
+        with self.host.enter():
+            self.plane.start()
+
+    @property
+    def lan_endpoint(self) -> tuple[str, int]:
+        return (self.host.ip, WG_PORT)
+
+    def as_peer(self, endpoint: tuple[str, int] | None) -> PeerConfig:
+        """This engine as another's peer: its TUN address as allowed IP, reached at ``endpoint`` (None: learnt
+        from its packets)."""
+        return PeerConfig(self.public, allowed_ips=(f"{self.tun_ip}/32",), endpoint=endpoint)
+
+    def add_peer(self, cfg: PeerConfig) -> None:
+        with self.host.enter():  # routes go in through netlink in the caller's namespace
+            self.plane.add_peer(cfg)
+
+    def peer(self, other: Engine) -> PeerStatus:
+        (found,) = [p for p in self.plane.peers() if p.public_key == other.public]
+        return found
 
 
 class TmNode:

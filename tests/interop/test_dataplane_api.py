@@ -14,14 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 
-import nacl.public
 import pytest
-from prometheus_client import CollectorRegistry
 
-from tests.interop.dataplane_helpers import ping
+from tests.interop.dataplane_helpers import WG_PORT, Engine, ping
 from tunnelmesh.netlab import Lab
-from tunnelmesh.netlab.topology import Host
-from tunnelmesh.node.dataplane import DataPlane, InterfaceConfig, PeerConfig
 from tunnelmesh.node.errors import DataplaneError
 
 pytestmark = [
@@ -31,49 +27,13 @@ pytestmark = [
 ]
 
 TUN = {"a": "10.73.0.1", "b": "10.73.0.2", "c": "10.73.0.3"}
-PORT = 51820
-
-
-class Node:
-    def __init__(self, host: Host, name: str, lab_id: str, *, offloads: bool = True) -> None:
-        self.host = host
-        self.key = nacl.public.PrivateKey.generate()
-        self.public = bytes(self.key.public_key)
-        self.registry = CollectorRegistry()
-        self.plane = DataPlane(
-            InterfaceConfig(
-                private_key=bytes(self.key),
-                name=f"tm{lab_id}{name}",
-                listen_port=PORT,
-                addresses=(f"{TUN[name]}/24",),
-                offloads=offloads,
-            ),
-            registry=self.registry,
-        )
-
-    def start(self) -> None:
-        with self.host.enter():
-            self.plane.start()
-
-    def peer_config(self, of: Node, name: str) -> PeerConfig:
-        return PeerConfig(self.public, allowed_ips=(f"{TUN[name]}/32",), endpoint=(self.host.ip, PORT))
-
-    def add_peer(self, cfg: PeerConfig) -> None:
-        with self.host.enter():  # routes are added through netlink in the caller's namespace
-            self.plane.add_peer(cfg)
-
-    def status(self, peer: Node) -> dict[str, object]:
-        for p in self.plane.peers():
-            if p.public_key == peer.public:
-                return p.to_json()
-        raise AssertionError("no such peer")
 
 
 @pytest.fixture
-def nodes() -> Iterator[dict[str, Node]]:
+def nodes() -> Iterator[dict[str, Engine]]:
     with Lab() as lab:
         lan = lab.lan("l", "10.72.0.0/24")
-        made = {n: Node(lab.host(n, lan), n, lab.id, offloads=(n != "c")) for n in TUN}
+        made = {n: Engine(lab.host(n, lan), n, lab.id, TUN[n], offloads=(n != "c")) for n in TUN}
         for n in made.values():
             n.start()
         try:
@@ -83,14 +43,14 @@ def nodes() -> Iterator[dict[str, Node]]:
                 n.plane.stop()
 
 
-def test_live_peer_changes_leave_other_sessions_alone(nodes: dict[str, Node]) -> None:
+def test_live_peer_changes_leave_other_sessions_alone(nodes: dict[str, Engine]) -> None:
     a, b, c = nodes["a"], nodes["b"], nodes["c"]
-    for x, y, ny in ((a, b, "b"), (b, a, "a"), (a, c, "c"), (c, a, "a")):
-        x.add_peer(y.peer_config(x, ny))
+    for x, y in ((a, b), (b, a), (a, c), (c, a)):
+        x.add_peer(y.as_peer(y.lan_endpoint))
     ping(a.host, TUN["b"], count=2)
     ping(a.host, TUN["c"], count=2)  # c runs the plain path (no virtio_net_hdr, no GSO/GRO)
     assert c.plane.tun is not None and not c.plane.tun.vnet_hdr
-    handshakes_b = a.status(b)["handshakes"]
+    handshakes_b = a.peer(b).to_json()["handshakes"]
     assert handshakes_b == 1
 
     # Keep traffic to b flowing while c is removed, re-added and changed.
@@ -110,7 +70,7 @@ def test_live_peer_changes_leave_other_sessions_alone(nodes: dict[str, Node]) ->
         assert not a.host.run(["ip", "route", "show", f"{TUN['c']}/32"]).stdout.strip(), "route left behind"
         r = a.host.run(["ping", "-c", "1", "-W", "1", TUN["c"]], check=False, timeout=5)
         assert r.returncode != 0, "c is still reachable after remove_peer"
-        a.add_peer(c.peer_config(a, "c"))
+        a.add_peer(c.as_peer(c.lan_endpoint))
         ping(a.host, TUN["c"], count=2)
         a.plane.update_peer(c.public, persistent_keepalive=1.0)
         a.plane.update_peer(b.public, allowed_ips=(f"{TUN['b']}/32", "10.74.0.0/24"))
@@ -119,24 +79,24 @@ def test_live_peer_changes_leave_other_sessions_alone(nodes: dict[str, Node]) ->
         stop.set()
         t.join(10)
     assert not failures, failures
-    assert a.status(b)["handshakes"] == handshakes_b, "b's session was disturbed"
-    assert a.status(b)["allowed_ips"] == [f"{TUN['b']}/32", "10.74.0.0/24"]
+    assert a.peer(b).to_json()["handshakes"] == handshakes_b, "b's session was disturbed"
+    assert a.peer(b).to_json()["allowed_ips"] == [f"{TUN['b']}/32", "10.74.0.0/24"]
     assert a.plane.name in a.host.run(["ip", "route", "show", "10.74.0.0/24"]).stdout
     assert a.plane.name in a.host.run(["ip", "route", "show", f"{TUN['c']}/32"]).stdout
-    assert a.status(c)["persistent_keepalive"] == 1.0
+    assert a.peer(c).to_json()["persistent_keepalive"] == 1.0
     with pytest.raises(DataplaneError, match="no peer"):
         a.plane.remove_peer(bytes(32))
     with pytest.raises(DataplaneError, match="cannot add peer"):
-        a.plane.add_peer(c.peer_config(a, "c"))
+        a.plane.add_peer(c.as_peer(c.lan_endpoint))
 
 
-def test_peers_and_metrics(nodes: dict[str, Node]) -> None:
+def test_peers_and_metrics(nodes: dict[str, Engine]) -> None:
     a, b = nodes["a"], nodes["b"]
-    a.add_peer(b.peer_config(a, "b"))
-    b.add_peer(a.peer_config(b, "a"))
+    a.add_peer(b.as_peer(b.lan_endpoint))
+    b.add_peer(a.as_peer(a.lan_endpoint))
     ping(a.host, TUN["b"], count=3)
-    st = a.status(b)
-    assert st["endpoint"] == f"{b.host.ip}:{PORT}"
+    st = a.peer(b).to_json()
+    assert st["endpoint"] == f"{b.host.ip}:{WG_PORT}"
     assert isinstance(st["latest_handshake"], float) and abs(st["latest_handshake"] - time.time()) < 30
     assert st["rx_packets"] >= 3 and st["tx_packets"] >= 3
     labels = {"interface": a.plane.name, "peer": base64.b64encode(b.public).decode()}
@@ -150,7 +110,7 @@ def test_peers_and_metrics(nodes: dict[str, Node]) -> None:
     assert b.registry.get_sample_value("tunnelmesh_dataplane_peer_tx_packets_total", labels) is None
 
 
-def test_stop_joins_threads_and_removes_the_device(nodes: dict[str, Node]) -> None:
+def test_stop_joins_threads_and_removes_the_device(nodes: dict[str, Engine]) -> None:
     a = nodes["a"]
     name = a.plane.name
     threads = {t.name for t in threading.enumerate()}
@@ -161,13 +121,13 @@ def test_stop_joins_threads_and_removes_the_device(nodes: dict[str, Node]) -> No
     a.plane.stop()  # idempotent
 
 
-def test_settled_sessions_keep_the_timer_bookkeeping(nodes: dict[str, Node]) -> None:
+def test_settled_sessions_keep_the_timer_bookkeeping(nodes: dict[str, Engine]) -> None:
     """After the handshake, received runs of a settled session skip ``Device.receive`` (latency fast path)
     but must still tell the timers, before anything is sent back: the sender sees its reply (no rehandshake
     pending) and the responder owes no keepalive because it answered."""
     a, b = nodes["a"], nodes["b"]
-    a.add_peer(b.peer_config(a, "b"))
-    b.add_peer(a.peer_config(b, "a"))
+    a.add_peer(b.as_peer(b.lan_endpoint))
+    b.add_peer(a.as_peer(a.lan_endpoint))
     ping(a.host, TUN["b"], count=5)
     ta = a.plane.device.peers[b.public].timers
     tb = b.plane.device.peers[a.public].timers

@@ -141,6 +141,20 @@ class Node:
     def ip_on(self, lan: Lan) -> str:
         return self.interface_on(lan).ip
 
+    def add_ipv6(self, address: str, lan: Lan | None = None) -> None:
+        """Give the interface on `lan` (the first one by default) IPv6 `address`, e.g. "fd00:1::2/64".
+
+        Netlab is IPv4-only (new interfaces start with IPv6 off); this turns it on for that interface, with
+        duplicate address detection off so `address` and the link-local fe80:: one are usable at once.
+        """
+        if not self.interfaces:
+            raise NetlabError(f"{self.kind} {self.name} is not attached to any LAN")
+        iface = self.interfaces[0] if lan is None else self.interface_on(lan)
+        with self.enter():
+            namespace.write_sysctl(f"net.ipv6.conf.{iface.ifname}.accept_dad", "0")
+            namespace.write_sysctl(f"net.ipv6.conf.{iface.ifname}.disable_ipv6", "0")
+        self.run(["ip", "-6", "addr", "add", address, "dev", iface.ifname, "nodad"])
+
     # -- running things inside -------------------------------------------------------------------------
 
     def run(

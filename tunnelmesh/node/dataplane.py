@@ -177,7 +177,8 @@ class InterfaceConfig:
     listen_port: int = 0
     addresses: tuple[str, ...] = ()
     mtu: int = DEFAULT_MTU
-    listen_host: str = "0.0.0.0"
+    # None: one dual-stack socket for IPv4 and IPv6 peers (IPv4 only, logged, if the kernel has no IPv6).
+    listen_host: str | None = None
     offloads: bool = True  # TUN virtio_net_hdr + TSO and UDP GSO/GRO where the kernel has them
     manage_routes: bool = True  # add a route through the TUN device for every peer's allowed IPs
     udp_buffer: int = 4 << 20
@@ -204,7 +205,7 @@ class PeerStatus:
     def to_json(self) -> dict[str, object]:
         return {
             "public_key": key_b64(self.public_key),
-            "endpoint": None if self.endpoint is None else f"{self.endpoint[0]}:{self.endpoint[1]}",
+            "endpoint": None if self.endpoint is None else _fmt_endpoint(self.endpoint),
             "allowed_ips": list(self.allowed_ips),
             "latest_handshake": self.latest_handshake,
             "rx_bytes": self.rx_bytes,
@@ -465,6 +466,7 @@ class DataPlane:
             _fmt_endpoint(peer.endpoint),
             ",".join(peer.allowed_ips),
         )
+        self._warn_unreachable(peer.public_key, peer.endpoint)
 
     def update_peer(
         self,
@@ -495,6 +497,20 @@ class DataPlane:
             self._add_routes(allowed_ips)
         self._wake_control()
         log.info("event=peer_updated iface=%s peer=%s", self.name, short(public_key))
+        if not isinstance(endpoint, _Unchanged):
+            self._warn_unreachable(public_key, endpoint)
+
+    def _warn_unreachable(self, public_key: bytes, endpoint: Endpoint | None) -> None:
+        """An IPv6 endpoint on an IPv4-only socket (explicit ``listen_host`` or no IPv6 in the kernel) fails
+        every send: say so once, here, rather than at debug level per packet."""
+        if endpoint is not None and ":" in endpoint[0] and self.udp is not None and not self.udp.ipv6:
+            log.warning(
+                "event=peer_endpoint_unreachable iface=%s peer=%s endpoint=%s reason=%r",
+                self.name,
+                short(public_key),
+                _fmt_endpoint(endpoint),
+                "IPv6 endpoint but the UDP socket is IPv4-only",
+            )
 
     def remove_peer(self, public_key: bytes) -> None:
         """Remove a peer and destroy its keys; other peers are untouched."""
@@ -893,8 +909,7 @@ class DataPlane:
             bad: dict[wg.DropReason, int] = {}
             src_cache: dict[bytes, bytes | None] = {}
             settled: list[tuple[Timers, bool]] = []  # told after the TUN write, before anything is sent
-            for addr, dgrams in batch:
-                src: Endpoint = (addr[0], addr[1])
+            for src, dgrams in batch:
                 for d in dgrams:
                     n = len(d)
                     kind = d[0] if n >= 4 else 0

@@ -14,10 +14,14 @@ created; a GSO send that fails with EIO (egress device without checksum offload)
 logged once, and resends datagram by datagram. Buffers are raised with ``SO_*BUFFORCE`` (root ignores
 ``net.core.*mem_max``): default buffers drop bursts and cost wireguard-go two thirds of its throughput here.
 
-Binding ``"::"`` gives one dual-stack socket: IPv4 peers appear as ``::ffff:a.b.c.d`` and sends to plain IPv4
-addresses are mapped. The socket stays blocking for sends (backpressure instead of drops when the queue is
-full); receives use ``MSG_DONTWAIT`` and ``wait_readable`` so a receive loop drains everything pending before
-it sleeps.
+Addresses: binding ``"::"`` gives one dual-stack socket for IPv4 and IPv6 peers (``bind``'s default, with a
+logged fallback to ``"0.0.0.0"`` on a kernel without IPv6). The kernel reports an IPv4 peer as
+``::ffff:a.b.c.d``; ``recv_batch`` hands every source out as a plain ``(host, port)`` (``a.b.c.d`` for IPv4,
+``fe80::1%2`` for a link-local IPv6 peer: the scope is the interface index, which a reply needs), so a
+configured endpoint and the same peer's packets compare equal; sends to plain IPv4 addresses are mapped.
+
+The socket stays blocking for sends (backpressure instead of drops when the queue is full); receives use
+``MSG_DONTWAIT`` and ``wait_readable`` so a receive loop drains everything pending before it sleeps.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Iterator, Sequence
 
 from tunnelmesh.node.errors import DataplaneError
 from tunnelmesh.node.offload import Buffer
+from tunnelmesh.node.wg.actions import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ MAX_DATAGRAM = 65535
 RECV_BUFFER = 65536 + 4096
 
 Address = tuple[str, int] | tuple[str, int, int, int]
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)  # socket(AF_INET6) or bind("::") on an IPv4-only kernel
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _INT = struct.Struct("=i")
@@ -81,7 +87,7 @@ class UdpSocket:
         self.gso = gso
         self.gro = gro
         self.family = sock.family
-        self._v6 = sock.family == socket.AF_INET6
+        self.ipv6 = sock.family == socket.AF_INET6  # reaches IPv6 peers (and IPv4 ones, if bound to "::")
         # Largest UDP payload one GSO send may carry: IPv4 total length and IPv6 payload length are 16-bit.
         self._gso_limit = 65507 if sock.family == socket.AF_INET else 65527
         self._slots = [bytearray(RECV_BUFFER) for _ in range(recv_slots)]
@@ -94,7 +100,7 @@ class UdpSocket:
     @classmethod
     def bind(
         cls,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         port: int = 0,
         *,
         bufsize: int = DEFAULT_BUFFER,
@@ -102,25 +108,42 @@ class UdpSocket:
         gro: bool = True,
         recv_slots: int = 8,
     ) -> UdpSocket:
-        """Bind a UDP socket (IPv6 if ``host`` is an IPv6 literal) with large buffers and, when the kernel has
-        them and they are asked for, GSO and GRO. ``recv_slots`` is how many ``recvmsg`` calls one
-        ``recv_batch`` may make (each gets its own 64 KiB buffer)."""
+        """Bind a UDP socket with large buffers and, when the kernel has them and they are asked for, GSO and
+        GRO. ``host`` None: every address of both families (dual-stack ``"::"``), or IPv4 only when the kernel
+        has no IPv6; an IP literal binds exactly that (IPv6 if it is one). ``recv_slots`` is how many
+        ``recvmsg`` calls one ``recv_batch`` may make (each gets its own 64 KiB buffer)."""
+        if host is None:
+            try:
+                return cls._open("::", port, bufsize, gso, gro, recv_slots)
+            except OSError as exc:
+                if exc.errno not in _NO_IPV6:
+                    raise DataplaneError(f"cannot bind UDP socket on [::]:{port}: {exc.strerror}") from exc
+                log.warning("event=udp_ipv4_only reason=%r", f"no IPv6 in this kernel: {exc.strerror}")
+                host = "0.0.0.0"
         try:
-            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            return cls._open(host, port, bufsize, gso, gro, recv_slots)
+        except OSError as exc:
+            raise DataplaneError(f"cannot bind UDP socket on [{host}]:{port}: {exc.strerror}") from exc
+
+    @classmethod
+    def _open(cls, host: str, port: int, bufsize: int, gso: bool, gro: bool, recv_slots: int) -> UdpSocket:
+        try:
+            ip = ipaddress.ip_address(host)
         except ValueError as exc:
             raise DataplaneError(f"UDP bind address {host!r} is not an IP address literal") from exc
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sndbuf, rcvbuf = _raise_buffers(sock, bufsize)
-            if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified:
-                # "::" serves IPv4 peers too (as ::ffff:a.b.c.d); sends to IPv4 addresses are mapped below.
+            if family == socket.AF_INET6 and ip.is_unspecified:
+                # "::" serves IPv4 peers too (as ::ffff:a.b.c.d), whatever net.ipv6.bindv6only says.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((host, port))
             has_gso = gso and _try_sockopt(sock, UDP_SEGMENT, 0)
             has_gro = gro and _try_sockopt(sock, UDP_GRO, 1)
-        except OSError as exc:
+        except BaseException:
             sock.close()
-            raise DataplaneError(f"cannot bind UDP socket on [{host}]:{port}: {exc.strerror}") from exc
+            raise
         udp = cls(sock, gso=has_gso, gro=has_gro, recv_slots=recv_slots)
         log.info(
             "event=udp_bound addr=%s gso=%s gro=%s sndbuf=%d rcvbuf=%d",
@@ -167,7 +190,7 @@ class UdpSocket:
     # --- send -----------------------------------------------------------------------------------------------
     def _map(self, addr: Address) -> Address:
         """An IPv4 destination on an IPv6 socket becomes its v4-mapped form (one check per send call)."""
-        if self._v6 and ":" not in addr[0]:
+        if self.ipv6 and ":" not in addr[0]:
             return ("::ffff:" + addr[0], addr[1])
         return addr
 
@@ -230,17 +253,18 @@ class UdpSocket:
         except InterruptedError:
             return False
 
-    def recv_batch(self, max_calls: int = 0) -> list[tuple[Address, list[memoryview]]]:
+    def recv_batch(self, max_calls: int = 0) -> list[tuple[Endpoint, list[memoryview]]]:
         """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls (or ``max_calls``), without
         blocking.
 
         Returns ``[(source, [datagram, ...]), ...]``: one entry per ``recvmsg``, whose GRO super-datagram is
-        already split into datagrams. Views point into the socket's buffers and are valid until the next
-        ``recv_batch``. An empty list means nothing was pending. ``drained`` tells whether the socket was
-        found empty (so a loop can go straight to ``wait_readable`` instead of asking again: one syscall
-        less per idle transition).
+        already split into datagrams; ``source`` is a plain ``(host, port)`` (see the module comment). Views
+        point into the socket's buffers and are valid until the next ``recv_batch``. An empty list means
+        nothing was pending. ``drained`` tells whether the socket was found empty (so a loop can go straight
+        to ``wait_readable`` instead of asking again: one syscall less per idle transition).
         """
-        out: list[tuple[Address, list[memoryview]]] = []
+        out: list[tuple[Endpoint, list[memoryview]]] = []
+        v6 = self.ipv6
         sock = self._sock
         self.drained = False
         slots: Iterator[tuple[bytearray, memoryview]] = zip(self._slots, self._views, strict=True)
@@ -259,6 +283,14 @@ class UdpSocket:
             if flags & socket.MSG_TRUNC:
                 log.warning("event=udp_truncated addr=%s bytes=%d", addr, n)
                 continue
+            if v6:  # (host, port, flowinfo, scope_id) -> (host, port); once per recvmsg, not per datagram
+                host = addr[0]
+                if host[:7] == "::ffff:" and "." in host:  # v4-mapped: an IPv4 peer
+                    addr = (host[7:], addr[1])
+                elif addr[3]:  # link-local: replies must leave through the same interface
+                    addr = (f"{host}%{addr[3]}", addr[1])
+                else:
+                    addr = (host, addr[1])
             seg = 0
             for level, kind, data in anc:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:

@@ -287,30 +287,58 @@ def _int(item: tuple[int, str], source: str, field_name: str, lo: int, hi: int) 
 
 
 def _endpoint(item: tuple[int, str], source: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as wg(8) takes it. A host name is resolved once, to its first address
+    (either family, in the system's preference order, as wg does); a link-local ``[fe80::1%eth0]`` keeps its
+    scope as the interface index (``fe80::1%2``), the form the data plane reports received packets in."""
     lineno, value = item
     where = f"{source}:{lineno}"
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise ConfigError(
-            f"{where}: Endpoint {value!r} needs host:port, e.g. 198.51.100.7:51820 or [2001:db8::1]:51820"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError(
-            f"{where}: Endpoint {value!r}: put an IPv6 address in brackets, e.g. [2001:db8::1]:51820"
-        )
+    example = "e.g. 198.51.100.7:51820 or [2001:db8::1]:51820"
+    bracketed = value.startswith("[")
+    if bracketed:
+        host, close, port_text = value[1:].partition("]")
+        if not close:
+            raise ConfigError(f"{where}: Endpoint {value!r} is missing the closing ']' ({example})")
+        if not port_text.startswith(":"):
+            raise ConfigError(f"{where}: Endpoint {value!r} needs :port after the ']' ({example})")
+        port_text = port_text[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(f"{where}: Endpoint {value!r} needs host:port, {example}")
+        if ":" in host or "]" in host:
+            raise ConfigError(f"{where}: Endpoint {value!r}: put an IPv6 address in brackets, {example}")
     port = _int((lineno, port_text), source, "Endpoint port", 1, 65535)
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
+        if bracketed:
+            raise ConfigError(
+                f"{where}: Endpoint {value!r}: {host!r} in brackets is not an IPv6 address"
+            ) from None
         try:
-            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise ConfigError(f"{where}: Endpoint host {host!r} does not resolve: {exc}") from None
-        return str(infos[0][4][0]), port
-    if addr.version == 6:
+        host = _scoped(infos[0][4])
+        addr = ipaddress.ip_address(host)
+    if addr.version == 4:
+        if bracketed:
+            raise ConfigError(f"{where}: Endpoint {value!r}: only IPv6 addresses go in brackets")
+        return str(addr), port
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped), port  # how the data plane reports that peer's packets
+    if "%" not in host:
+        return str(addr), port
+    try:  # the scope may be an interface name or index; the kernel wants the index
+        infos = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+    except socket.gaierror:
         raise ConfigError(
-            f"{where}: Endpoint {value!r}: IPv6 endpoints are not supported yet (the socket is IPv4)"
-        )
-    return str(addr), port
+            f"{where}: Endpoint {value!r}: no interface {host.partition('%')[2]!r} for the link-local scope"
+        ) from None
+    return _scoped(infos[0][4]), port
+
+
+def _scoped(sockaddr: tuple[object, ...]) -> str:
+    """The host of a resolved address, with an IPv6 scope as ``%index`` (as ``UdpSocket`` reports it)."""
+    host = str(sockaddr[0])
+    return f"{host}%{sockaddr[3]}" if len(sockaddr) == 4 and sockaddr[3] else host

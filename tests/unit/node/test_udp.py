@@ -6,13 +6,18 @@ see the real cmsg paths; with the features off they see the plain ones. No root 
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tunnelmesh.node.errors import DataplaneError
-from tunnelmesh.node.udp import Address, UdpSocket
+from tunnelmesh.node.udp import UdpSocket
+from tunnelmesh.node.wg.actions import Endpoint
 
 
 def receive(sock: UdpSocket, count: int, timeout: float = 5.0) -> tuple[list[bytes], int]:
@@ -86,17 +91,48 @@ def test_buffers_are_raised_and_bad_addresses_are_our_error() -> None:
         UdpSocket.bind("127.0.0.1", a.local_address[1])
 
 
-def test_a_dual_stack_socket_talks_to_ipv4_peers() -> None:
-    with UdpSocket.bind("::", 0) as dual, UdpSocket.bind("127.0.0.1", 0) as v4:
-        dual.send_batch([b"a" * 500] * 3, ("127.0.0.1", v4.local_address[1]))
-        got, _ = receive(v4, 3)
-        assert got == [b"a" * 500] * 3
-        v4.send(b"back", ("127.0.0.1", dual.local_address[1]))
-        (src, (dgram,)), *_ = _wait_batch(dual)
-        assert bytes(dgram) == b"back" and src[0] == "::ffff:127.0.0.1"
+def test_the_default_socket_is_dual_stack_and_reports_plain_sources() -> None:
+    """Sources come back as plain ``(host, port)``: an IPv4 peer as ``a.b.c.d`` (not ``::ffff:a.b.c.d``), so
+    it equals the endpoint configured for it; an IPv6 one without flowinfo and scope id."""
+    with UdpSocket.bind() as dual, UdpSocket.bind("127.0.0.1", 0) as v4, UdpSocket.bind("::1", 0) as v6:
+        assert dual.ipv6 and dual.local_address[0] == "::"
+        port = dual.local_address[1]
+        v4_addr, v6_addr = ("127.0.0.1", v4.local_address[1]), ("::1", v6.local_address[1])
+        dual.send_batch([b"a" * 500] * 3, v4_addr)  # a plain IPv4 destination is mapped
+        dual.send_batch([b"b" * 500] * 3, v6_addr)
+        assert receive(v4, 3)[0] == [b"a" * 500] * 3
+        assert receive(v6, 3)[0] == [b"b" * 500] * 3
+        v4.send(b"four", ("127.0.0.1", port))
+        assert [(src, bytes(d)) for src, ds in _wait_batch(dual) for d in ds] == [(v4_addr, b"four")]
+        v6.send(b"six", ("::1", port))
+        assert [(src, bytes(d)) for src, ds in _wait_batch(dual) for d in ds] == [(v6_addr, b"six")]
+        # A GRO train from the IPv4 peer: one normalised source for all of it.
+        v4.send_batch([b"c" * 1000] * 20, ("127.0.0.1", port))
+        got = [(src, bytes(d)) for src, ds in _wait_batch_of(dual, 20) for d in ds]
+        assert got == [(v4_addr, b"c" * 1000)] * 20
 
 
-def _wait_batch(sock: UdpSocket) -> list[tuple[Address, list[memoryview]]]:
+def test_without_ipv6_the_default_socket_falls_back_to_ipv4(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel booted with ipv6.disable=1 refuses AF_INET6 sockets (EAFNOSUPPORT): the default bind logs
+    it and serves IPv4 alone. An explicit "::" is not second-guessed."""
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object, **kwargs: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with caplog.at_level(logging.WARNING), UdpSocket.bind() as s:
+        assert not s.ipv6 and s.local_address[0] == "0.0.0.0"
+    assert "event=udp_ipv4_only" in caplog.text
+    with pytest.raises(DataplaneError, match=r"\[::\]:0: Address family not supported"):
+        UdpSocket.bind("::")
+
+
+def _wait_batch(sock: UdpSocket) -> list[tuple[Endpoint, list[memoryview]]]:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         batch = sock.recv_batch()
@@ -104,6 +140,18 @@ def _wait_batch(sock: UdpSocket) -> list[tuple[Address, list[memoryview]]]:
             return batch
         sock.wait_readable(0.1)
     raise AssertionError("nothing received")
+
+
+def _wait_batch_of(sock: UdpSocket, count: int) -> list[tuple[Endpoint, list[memoryview]]]:
+    out: list[tuple[Endpoint, list[memoryview]]] = []
+    deadline = time.monotonic() + 5
+    while sum(len(ds) for _s, ds in out) < count and time.monotonic() < deadline:
+        batch = sock.recv_batch()
+        # Views are valid until the next recv_batch: keep copies.
+        out += [(src, [memoryview(bytes(d)) for d in ds]) for src, ds in batch]
+        if not batch:
+            sock.wait_readable(0.1)
+    return out
 
 
 def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> None:

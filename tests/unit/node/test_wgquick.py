@@ -7,6 +7,7 @@ contain key material.
 from __future__ import annotations
 
 import base64
+import socket
 from pathlib import Path
 
 import nacl.public
@@ -77,6 +78,37 @@ def test_private_key_file_must_be_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("endpoint", "parsed"),
+    [
+        ("192.0.2.7:51820", ("192.0.2.7", 51820)),
+        ("[2001:db8::1]:51820", ("2001:db8::1", 51820)),  # wg(8): IPv6 in brackets
+        ("[2001:DB8:0::1]:1", ("2001:db8::1", 1)),  # canonical form: compares equal to received sources
+        ("[::ffff:192.0.2.7]:51820", ("192.0.2.7", 51820)),  # v4-mapped: the data plane sees an IPv4 peer
+        ("[fe80::1%lo]:51820", ("fe80::1%1", 51820)),  # link-local: scope as the interface index
+        ("[fe80::1%1]:51820", ("fe80::1%1", 51820)),
+        ("localhost:7", ("127.0.0.1", 7)),  # a name resolves once, at load
+    ],
+)
+def test_endpoints_ipv4_ipv6_and_names(endpoint: str, parsed: tuple[str, int]) -> None:
+    cfg = wgquick.parse(conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = {endpoint}\n"))
+    assert cfg.peers[0].endpoint == parsed
+
+
+def test_a_name_that_resolves_to_ipv6_gives_an_ipv6_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wg(8) takes the first address getaddrinfo returns, of either family (this host's /etc/hosts has no
+    IPv6 name, so the resolver's answer is stood in for)."""
+    answers = {"v6.example": [(socket.AF_INET6, socket.SOCK_DGRAM, 17, "", ("2001:db8::7", 5, 0, 0))]}
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> object:
+        return answers[host] if host in answers else real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    cfg = wgquick.parse(conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = v6.example:5\n"))
+    assert cfg.peers[0].endpoint == ("2001:db8::7", 5)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("", r"no \[Interface\] section"),
@@ -94,6 +126,13 @@ def test_private_key_file_must_be_private(tmp_path: Path) -> None:
             r"c.conf:5: Endpoint .* needs host:port",
         ),
         (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = ::1:5\n"), r"c.conf:5: .*brackets"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [::1:5\n"), r"c.conf:5: .*missing the closing"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [::1]\n"), r"c.conf:5: .*needs :port after"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [::1]:99999\n"), r"c.conf:5: Endpoint port 99999"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [::1]:x\n"), r"c.conf:5: Endpoint port 'x'"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [192.0.2.1]:5\n"), r"c.conf:5: .*only IPv6 .*brackets"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [vpn.example]:5\n"), r"c.conf:5: .*not an IPv6"),
+        (conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = [fe80::1%nosuch0]:5\n"), r"c.conf:5: .*'nosuch0'"),
         (conf(f"[Peer]\nPublicKey = {PUB}\nPersistentKeepalive = -1\n"), r"c.conf:5: PersistentKeepalive"),
         (conf(f"[Peer]\nPublicKey = {PUB}\nPresharedKey = xx\n"), r"c.conf:5: PresharedKey: .*preshared key"),
         (

@@ -1,7 +1,8 @@
 """What the sans-I/O device asks its I/O shell to do, and why it dropped things.
 
 Actions and events are frozen, slotted dataclasses; peers are named by their 32-byte public key and endpoints
-are ``(host, port)`` tuples exactly as the shell's UDP socket reports them (IPv6 hosts without scope suffix).
+are ``(host, port)`` tuples exactly as the shell's UDP socket reports them (plain ``a.b.c.d`` for IPv4 peers;
+link-local IPv6 hosts carry their scope as ``fe80::1%<ifindex>``).
 """
 
 from __future__ import annotations
