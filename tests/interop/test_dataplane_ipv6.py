@@ -116,9 +116,9 @@ def test_one_socket_serves_ipv4_and_ipv6_peers(
 
 
 def test_a_peer_moving_from_ipv4_to_ipv6_keeps_its_stream(lab: Lab, engines: dict[str, Engine]) -> None:
-    """b's packets to a switch from IPv4 to IPv6 mid-stream (b is told a's IPv6 endpoint, as a laptop that
-    lands on an IPv6-only network would be): a follows b's first authenticated IPv6 packet and the TCP
-    stream carries on."""
+    """b lands on an IPv6-only network mid-stream: its IPv4 address goes away and it is told a's IPv6
+    endpoint. a follows b's first authenticated IPv6 packet and the TCP stream carries on. (With b's IPv4
+    address still up, a packet from a to it could make b roam back: both sides follow their peer.)"""
     a, b = engines["a"], engines["b"]
     a.add_peer(b.as_peer(None))  # a learns b's endpoint from b's packets
     b.add_peer(a.as_peer((a.host.ip, WG_PORT)))
@@ -135,6 +135,7 @@ def test_a_peer_moving_from_ipv4_to_ipv6_keeps_its_stream(lab: Lab, engines: dic
     t = threading.Thread(target=stream)
     t.start()
     time.sleep(1.0)
+    b.host.run(["ip", "addr", "del", f"{b.host.ip}/24", "dev", "eth0"])
     b.plane.update_peer(a.public, endpoint=(ip6(1), WG_PORT))
     t.join(60)
     assert not t.is_alive(), "stream did not finish"
