@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,12 @@ class PeerSpec:
     keepalive: int = 0
 
 
-def wg_quick_text(private_key: str, address: str, peers: list[PeerSpec], port: int = WG_PORT) -> str:
-    lines = ["[Interface]", f"PrivateKey = {private_key}", f"ListenPort = {port}", f"Address = {address}", ""]
+def wg_quick_text(
+    private_key: str, address: str, peers: list[PeerSpec], port: int = WG_PORT, interface: Sequence[str] = ()
+) -> str:
+    """A wg-quick file; ``interface``: more ``Key = Value`` lines for [Interface] (``Table = off``, ...)."""
+    lines = ["[Interface]", f"PrivateKey = {private_key}", f"ListenPort = {port}", f"Address = {address}"]
+    lines += [*interface, ""]
     for p in peers:
         lines += ["[Peer]", f"PublicKey = {p.public_key}", f"AllowedIPs = {p.allowed_ips}"]
         if p.endpoint:
@@ -98,7 +103,7 @@ def wg_quick_text(private_key: str, address: str, peers: list[PeerSpec], port: i
 
 class Engine:
     """A data plane in this process, in netlab ``host``'s namespace, driven through its Python API (as the
-    node agent does). TUN address ``tun_ip``/24, UDP port ``WG_PORT``, metrics in its own ``registry``."""
+    node agent does). TUN address ``tun_ip``/24, UDP port ``listen_port``, metrics in its own ``registry``."""
 
     def __init__(
         self,
@@ -109,6 +114,7 @@ class Engine:
         *,
         offloads: bool = True,
         listen_host: str | None = None,
+        listen_port: int = WG_PORT,
     ) -> None:
         self.host, self.name, self.tun_ip = host, name, tun_ip
         self.key = nacl.public.PrivateKey.generate()
@@ -118,7 +124,7 @@ class Engine:
             InterfaceConfig(
                 private_key=bytes(self.key),
                 name=f"tm{lab_id}{name}",  # unique per lab, as wireguard-go's would need
-                listen_port=WG_PORT,
+                listen_port=listen_port,
                 addresses=(f"{tun_ip}/24",),
                 offloads=offloads,
                 listen_host=listen_host,
@@ -132,7 +138,7 @@ class Engine:
 
     @property
     def lan_endpoint(self) -> tuple[str, int]:
-        return (self.host.ip, WG_PORT)
+        return (self.host.ip, self.plane.config.listen_port)
 
     def as_peer(self, endpoint: tuple[str, int] | None) -> PeerConfig:
         """This engine as another's peer: its TUN address as allowed IP, reached at ``endpoint`` (None: learnt
@@ -160,9 +166,11 @@ class TmNode:
     def env(self) -> dict[str, str]:
         return {"TUNNELMESH_RUN_DIR": str(self.run_dir), "PYTHONPATH": str(ROOT)}
 
-    def up(self, address: str, peers: list[PeerSpec], port: int = WG_PORT) -> None:
+    def up(
+        self, address: str, peers: list[PeerSpec], port: int = WG_PORT, interface: Sequence[str] = ()
+    ) -> None:
         conf = self.workdir / f"{self.iface}.conf"
-        conf.write_text(wg_quick_text(self.key, address, peers, port))
+        conf.write_text(wg_quick_text(self.key, address, peers, port, interface))
         conf.chmod(0o600)
         self.proc = self.host.spawn(
             [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],

@@ -45,7 +45,9 @@ def dataplane() -> None:
     "--interface", "iface", default=None, help="Interface name (default: the file name without .conf)."
 )
 @click.option("--no-offloads", is_flag=True, help="Plain packet I/O: no TUN TSO, no UDP GSO/GRO.")
-@click.option("--no-routes", is_flag=True, help="Do not add routes for the peers' allowed IPs.")
+@click.option(
+    "--no-routes", is_flag=True, help="Do not add routes for the peers' allowed IPs (as `Table = off`)."
+)
 @click.option("--metrics", "metrics_addr", default=None, help="Serve Prometheus metrics on HOST:PORT.")
 def up(
     config_path: str, iface: str | None, no_offloads: bool, no_routes: bool, metrics_addr: str | None
@@ -61,7 +63,11 @@ def up(
     if no_offloads or no_routes:
         from dataclasses import replace
 
-        interface = replace(interface, offloads=not no_offloads, manage_routes=not no_routes)
+        interface = replace(
+            interface,
+            offloads=interface.offloads and not no_offloads,
+            manage_routes=interface.manage_routes and not no_routes,  # `Table = off` stays off
+        )
     registry = None
     if metrics_addr:
         from prometheus_client import CollectorRegistry
@@ -139,6 +145,8 @@ def format_status(s: dict[str, Any], *, now: float | None = None) -> str:
         f"  public key: {s['public_key']}",
         f"  listening port: {s['listen_port']}",
     ]
+    if s.get("fwmark"):
+        lines.append(f"  fwmark: {s['fwmark']:#x}")
     off = s.get("offloads", {})
     lines.append(
         f"  offloads: tun={','.join(off.get('tun', [])) or 'none'} gso={_yn(off.get('udp_gso'))} "

@@ -46,6 +46,12 @@ under the current keypair gets *seeded transport* (type 0x11): TCP/UDP checksums
 seed, and it writes those packets to its TUN as ``NEEDS_CSUM``. A stock WireGuard peer never offers it (it
 drops both unknown types), so it always gets type 4 with complete checksums. See docs/dataplane.md.
 
+Routes (netlink, in the interface's namespace, whichever thread changes a peer): every peer's allowed IPs
+through the TUN device, in the main table or ``InterfaceConfig.table``. A /0 with the table left "auto"
+becomes wg-quick's policy routing instead (fwmark on the socket, a table of its own and two rules:
+``_sync_full_tunnel``, ``routes.py`` and docs/dataplane.md, Full tunnel), removed again when the /0 goes or
+the engine stops.
+
 Offloads degrade gracefully: a kernel without ``IFF_VNET_HDR`` gives one packet per TUN read and write (and
 no seeded checksums), a socket without UDP GSO/GRO one datagram per syscall (``udp.py``).
 
@@ -75,7 +81,7 @@ from cryptography.exceptions import InvalidTag
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tunnelmesh.node import wg
+from tunnelmesh.node import routes, wg
 from tunnelmesh.node.errors import DataplaneError, OffloadError
 from tunnelmesh.node.offload import VNET_HDR_LEN, VNET_HDR_NONE, Buffer, coalesce, parse_vnet_hdr, segment
 from tunnelmesh.node.tun import MAX_READ, TunDevice
@@ -180,7 +186,11 @@ class InterfaceConfig:
     # None: one dual-stack socket for IPv4 and IPv6 peers (IPv4 only, logged, if the kernel has no IPv6).
     listen_host: str | None = None
     offloads: bool = True  # TUN virtio_net_hdr + TSO and UDP GSO/GRO where the kernel has them
-    manage_routes: bool = True  # add a route through the TUN device for every peer's allowed IPs
+    manage_routes: bool = True  # route the peers' allowed IPs through the TUN device (``Table = off``: False)
+    # wg-quick's ``Table``: None is "auto" (the main table; a /0 through policy routing, docs/dataplane.md
+    # "Full tunnel"); a table number puts every route, a /0 too, in that table and adds no rules.
+    table: int | None = None
+    fwmark: int = 0  # SO_MARK on the UDP socket (wg-quick ``FwMark``); 0: none, unless a /0 needs one
     udp_buffer: int = 4 << 20
     # Offer TunnelMesh peers to skip payload checksums (negotiated per session; stock peers never see it).
     skip_checksums: bool = True
@@ -291,6 +301,10 @@ class DataPlane:
         self._collector: _Collector | None = None
         self._raw_handler: RawHandler | None = None
         self.raw_handler_errors = 0
+        # Full tunnel (a /0 with Table = auto): IP version -> priorities of the two rules added for it.
+        self._routes_lock = threading.Lock()
+        self._full_tunnel: dict[int, tuple[int, int]] = {}
+        self._fwmark_table = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -327,6 +341,7 @@ class DataPlane:
                 gso=cfg.offloads,
                 gro=cfg.offloads,
                 recv_slots=8,
+                fwmark=cfg.fwmark,
             )
             for peer in self._initial_peers:
                 self.add_peer(peer)
@@ -372,6 +387,8 @@ class DataPlane:
         log.info("event=dataplane_stopped iface=%s", self.config.name)
 
     def _close_io(self) -> None:
+        if self.udp is not None:
+            self._sync_full_tunnel(stopping=True)
         if self._netns_fd >= 0:
             os.close(self._netns_fd)
             self._netns_fd = -1
@@ -458,6 +475,7 @@ class DataPlane:
             self._counters[peer.public_key] = _Counters()
             self._allowed[peer.public_key] = tuple(peer.allowed_ips)
         self._add_routes(peer.allowed_ips)
+        self._sync_full_tunnel()
         self._wake_control()
         log.info(
             "event=peer_added iface=%s peer=%s endpoint=%s allowed_ips=%s",
@@ -495,6 +513,7 @@ class DataPlane:
         if not isinstance(allowed_ips, _Unchanged):
             self._del_routes(set(old) - set(allowed_ips))
             self._add_routes(allowed_ips)
+            self._sync_full_tunnel()
         self._wake_control()
         log.info("event=peer_updated iface=%s peer=%s", self.name, short(public_key))
         if not isinstance(endpoint, _Unchanged):
@@ -523,6 +542,7 @@ class DataPlane:
             self._handshake_wall.pop(public_key, None)
             self._seeded_peers.pop(public_key, None)
         self._del_routes(networks)
+        self._sync_full_tunnel()
         log.info("event=peer_removed iface=%s peer=%s", self.name, short(public_key))
 
     def peers(self) -> list[PeerStatus]:
@@ -565,6 +585,7 @@ class DataPlane:
             "interface": self.name,
             "public_key": key_b64(self.public_key),
             "listen_port": self.listen_port,
+            "fwmark": udp.fwmark if udp is not None else self.config.fwmark,
             "mtu": self.config.mtu,
             "addresses": list(self.config.addresses),
             "offloads": {
@@ -581,52 +602,107 @@ class DataPlane:
             "peers": [p.to_json() for p in self.peers()],
         }
 
+    # -- routes ----------------------------------------------------------------------------------------------
+
     def _add_routes(self, networks: Iterable[str]) -> None:
-        if not self.config.manage_routes or self.tun is None:
-            return
-        routes = []
-        for net in networks:
-            n = ipaddress.ip_network(net, strict=False)
-            if n.prefixlen == 0:
-                log.warning(
-                    "event=route_skipped iface=%s network=%s reason=%r",
-                    self.name,
-                    n,
-                    "a default route through the tunnel needs policy routing; add it yourself",
-                )
-                continue
-            routes.append(str(n))
-        if routes:
-            tun = self.tun
-            try:
-                self._in_netns(lambda: tun.configure((), routes=routes, up=True))
-            except DataplaneError as exc:
-                log.warning("event=route_failed iface=%s error=%r", self.name, str(exc))
+        """Route ``networks`` through the TUN device: into ``config.table`` if set, else into the main table,
+        where a /0 is left to ``_sync_full_tunnel`` (it would take over the namespace's own default route)."""
+        self._routes("replace", networks)
 
     def _del_routes(self, networks: Iterable[str]) -> None:
-        """Remove the routes ``_add_routes`` added (netlink, in the calling thread's namespace)."""
+        """Remove the routes ``_add_routes`` added."""
+        self._routes("del", networks)
+
+    def _routes(self, op: str, networks: Iterable[str]) -> None:
         if not self.config.manage_routes or self.tun is None:
             return
-        nets = [n for n in (ipaddress.ip_network(x, strict=False) for x in networks) if n.prefixlen]
+        table = self.config.table
+        nets = [ipaddress.ip_network(x, strict=False) for x in networks]
+        nets = [n for n in nets if n.prefixlen or table is not None]
         if not nets:
             return
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
 
         name = self.tun.name
+        extra = {} if table is None else {"table": table}
 
-        def delete() -> None:
+        def apply() -> None:
             with IPRoute() as ipr:
                 found = ipr.link_lookup(ifname=name)
                 if not found:
                     return
                 for n in nets:
+                    # A /0 (in an explicit table) is added, never replaced: it may be the table's own
+                    # default route, e.g. with ``Table = main``, which we must not take away.
+                    how = "add" if op == "replace" and not n.prefixlen else op
                     try:
-                        ipr.route("del", dst=str(n), oif=found[0])
-                    except NetlinkError as exc:  # already gone (or never added): nothing to undo
-                        log.debug("event=route_del_failed iface=%s network=%s error=%r", name, n, str(exc))
+                        ipr.route(how, dst=str(n), oif=found[0], family=routes.FAMILY[n.version], **extra)
+                    except NetlinkError as exc:
+                        if op == "del":  # already gone (or never added): nothing to undo
+                            log.debug(
+                                "event=route_del_failed iface=%s network=%s error=%r", name, n, str(exc)
+                            )
+                        else:
+                            log.warning("event=route_failed iface=%s network=%s error=%r", name, n, str(exc))
 
-        self._in_netns(delete)
+        self._in_netns(apply)
+
+    def _sync_full_tunnel(self, *, stopping: bool = False) -> None:
+        """Make the policy routing for a /0 among the peers' allowed IPs (``Table = auto``) match them, as
+        wg-quick does: packets without the tunnel's fwmark look up table T (= the fwmark), whose default route
+        is the TUN device, after the main table has answered for anything more specific than its default
+        route; the tunnel's own UDP carries the mark, so it skips table T and leaves by the main table.
+        ``stopping``: remove all of it (rules outlive the TUN device; its routes do not)."""
+        if not self.config.manage_routes or self.config.table is not None or self.tun is None:
+            return
+        with self._lock:
+            wanted = {
+                ipaddress.ip_network(n, strict=False).version
+                for nets in self._allowed.values()
+                for n in nets
+                if n.endswith("/0") and not stopping
+            }
+        with self._routes_lock:
+            if wanted == set(self._full_tunnel):
+                return
+            name, udp = self.tun.name, self.udp
+            assert udp is not None
+            try:
+                if not self._full_tunnel:  # the first /0 (``wanted`` is not empty)
+                    self._fwmark_table = self.config.fwmark or self.in_netns(routes.free_table)
+                    udp.set_mark(self._fwmark_table)  # before any rule: our own packets must never loop
+                table = self._fwmark_table
+                for version in sorted(set(self._full_tunnel) - wanted):
+                    prefs = self._full_tunnel.pop(version)
+                    try:  # each family on its own: one failure must not leave the other's rules behind
+                        self._in_netns(
+                            functools.partial(routes.full_tunnel_down, name, version, table, prefs)
+                        )
+                    except (DataplaneError, OSError) as exc:
+                        log.error(
+                            "event=default_route_remove_failed iface=%s ip=%d error=%r",
+                            name,
+                            version,
+                            str(exc),
+                        )
+                    else:
+                        log.info("event=default_route_removed iface=%s table=%d ip=%d", name, table, version)
+                for version in sorted(wanted - set(self._full_tunnel)):
+                    prefs = self.in_netns(functools.partial(routes.full_tunnel_up, name, version, table))
+                    self._full_tunnel[version] = prefs
+                    log.info(
+                        "event=default_route_added iface=%s table=%d fwmark=%#x ip=%d rule_prefs=%d,%d",
+                        name,
+                        table,
+                        table,
+                        version,
+                        *prefs,
+                    )
+                if not self._full_tunnel:
+                    udp.set_mark(self.config.fwmark)
+            except (DataplaneError, OSError) as exc:
+                log.error("event=default_route_failed iface=%s error=%r", name, str(exc))
 
     def _in_netns(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (netlink work) in the interface's network namespace: directly if the calling thread is

@@ -230,11 +230,10 @@ class TunDevice:
         *,
         mtu: int | None = None,
         up: bool = True,
-        routes: Iterable[str] = (),
         txqueuelen: int | None = None,
     ) -> None:
-        """Set addresses ("100.64.0.1/10"), MTU, link state and routes through this device, via netlink from
-        the calling thread's network namespace."""
+        """Set addresses ("100.64.0.1/10"), MTU and link state, via netlink from the calling thread's network
+        namespace. (Routes through the device are the data plane's business: ``DataPlane._routes``.)"""
         from pyroute2 import IPRoute  # imported here: pyroute2 is heavy and only needed to configure
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -262,13 +261,10 @@ class TunDevice:
                             raise
                 if up:
                     ipr.link("set", index=idx, state="up")
-                for r in routes:
-                    net = ipaddress.ip_network(r, strict=False)
-                    ipr.route("replace", dst=str(net), oif=idx)
         except NetlinkError as exc:
             raise DataplaneError(f"configuring TUN {self._name} failed: {exc}") from exc
         except ValueError as exc:
-            raise DataplaneError(f"configuring TUN {self._name}: bad address or route: {exc}") from exc
+            raise DataplaneError(f"configuring TUN {self._name}: bad address: {exc}") from exc
         if mtu is not None:
             self._mtu = mtu
         log.info("event=tun_configured name=%s mtu=%s up=%s", self._name, mtu, up)

@@ -46,6 +46,7 @@ UDP_SEGMENT = 103  # include/uapi/linux/udp.h; not exported by Python 3.11's soc
 UDP_GRO = 104
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_MARK = getattr(socket, "SO_MARK", 36)  # Python 3.12+ exports it
 UDP_MAX_SEGMENTS = 64  # kernel limit per GSO send: 64 on older kernels (newer ones allow 128)
 DEFAULT_BUFFER = 4 << 20
 MAX_DATAGRAM = 65535
@@ -96,6 +97,7 @@ class UdpSocket:
         self._poll.register(self._fd, select.POLLIN)
         self.gso_fallback_reason: str | None = None if gso else "UDP_SEGMENT not supported"
         self.drained = False  # the last recv_batch emptied the socket
+        self.fwmark = 0
 
     @classmethod
     def bind(
@@ -107,23 +109,33 @@ class UdpSocket:
         gso: bool = True,
         gro: bool = True,
         recv_slots: int = 8,
+        fwmark: int = 0,
     ) -> UdpSocket:
         """Bind a UDP socket with large buffers and, when the kernel has them and they are asked for, GSO and
         GRO. ``host`` None: every address of both families (dual-stack ``"::"``), or IPv4 only when the kernel
         has no IPv6; an IP literal binds exactly that (IPv6 if it is one). ``recv_slots`` is how many
-        ``recvmsg`` calls one ``recv_batch`` may make (each gets its own 64 KiB buffer)."""
+        ``recvmsg`` calls one ``recv_batch`` may make (each gets its own 64 KiB buffer). ``fwmark``: the
+        ``SO_MARK`` of everything sent (0: none), as ``wg set fwmark``."""
+        udp: UdpSocket | None = None
         if host is None:
             try:
-                return cls._open("::", port, bufsize, gso, gro, recv_slots)
+                udp = cls._open("::", port, bufsize, gso, gro, recv_slots)
             except OSError as exc:
                 if exc.errno not in _NO_IPV6:
                     raise DataplaneError(f"cannot bind UDP socket on [::]:{port}: {exc.strerror}") from exc
                 log.warning("event=udp_ipv4_only reason=%r", f"no IPv6 in this kernel: {exc.strerror}")
                 host = "0.0.0.0"
+        if udp is None:
+            try:
+                udp = cls._open(host or "0.0.0.0", port, bufsize, gso, gro, recv_slots)
+            except OSError as exc:
+                raise DataplaneError(f"cannot bind UDP socket on [{host}]:{port}: {exc.strerror}") from exc
         try:
-            return cls._open(host, port, bufsize, gso, gro, recv_slots)
-        except OSError as exc:
-            raise DataplaneError(f"cannot bind UDP socket on [{host}]:{port}: {exc.strerror}") from exc
+            udp.set_mark(fwmark)
+        except BaseException:
+            udp.close()
+            raise
+        return udp
 
     @classmethod
     def _open(cls, host: str, port: int, bufsize: int, gso: bool, gro: bool, recv_slots: int) -> UdpSocket:
@@ -154,6 +166,18 @@ class UdpSocket:
             rcvbuf,
         )
         return udp
+
+    def set_mark(self, fwmark: int) -> None:
+        """Set the ``SO_MARK`` of everything this socket sends (0: none), so policy routing can tell the
+        tunnel's own packets from the traffic it carries (docs/dataplane.md, Full tunnel). Needs root."""
+        if fwmark == self.fwmark:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, fwmark)
+        except OSError as exc:
+            raise DataplaneError(f"cannot set fwmark {fwmark:#x} on the UDP socket: {exc.strerror}") from exc
+        self.fwmark = fwmark
+        log.info("event=udp_fwmark addr=%s fwmark=%#x", self.local_address, fwmark)
 
     @property
     def local_address(self) -> Address:

@@ -2,10 +2,12 @@
 
 The format is wg-quick's (``wg-quick(8)``, ``wg(8)``): INI-like, ``Key = Value`` lines, ``#`` comments, keys
 case-insensitive, any number of ``[Peer]`` sections, list values comma-separated and repeatable
-(``AllowedIPs`` on several lines add up). Existing files work unchanged: keys that only wg-quick's shell
-script acts on (``DNS``, ``Table``, ``PreUp``/``PostUp``/``PreDown``/``PostDown``, ``SaveConfig``, ``FwMark``)
-are accepted and reported as ignored. ``PrivateKeyFile`` and ``PresharedKeyFile`` are TunnelMesh additions
-that keep secrets out of the config file (key files must be mode 0600, as ``tunnelmesh.identity`` requires).
+(``AllowedIPs`` on several lines add up). ``FwMark`` and ``Table`` mean what they mean to wg-quick (a /0
+with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel). Existing files work
+unchanged: keys that only wg-quick's shell script acts on (``DNS``, ``PreUp``/``PostUp``/``PreDown``/
+``PostDown``, ``SaveConfig``) are accepted and reported as ignored. ``PrivateKeyFile`` and
+``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be
+mode 0600, as ``tunnelmesh.identity`` requires).
 
 Every error names the file, the line and the field, and says what a valid value looks like; no error message
 contains key material.
@@ -13,6 +15,7 @@ contains key material.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -25,8 +28,12 @@ from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
 
 __all__ = ["WgQuickConfig", "interface_name_for", "load", "parse"]
 
-_INTERFACE_KEYS = {"privatekey", "privatekeyfile", "listenport", "address", "mtu"}
-_IGNORED_INTERFACE_KEYS = {"dns", "table", "preup", "postup", "predown", "postdown", "saveconfig", "fwmark"}
+_INTERFACE_KEYS = {"privatekey", "privatekeyfile", "listenport", "address", "mtu", "fwmark", "table"}
+_IGNORED_INTERFACE_KEYS = {"dns", "preup", "postup", "predown", "postdown", "saveconfig"}
+# Where iproute2 looks up table names (``table NAME``); /etc overrides /usr/share (iproute2 6.5+).
+RT_TABLES = (Path("/usr/share/iproute2/rt_tables"), Path("/etc/iproute2/rt_tables"))
+_BUILTIN_TABLES = {"default": 253, "main": 254, "local": 255}  # iproute2 knows these without any file
+_U32_MAX = 0xFFFFFFFF
 _PEER_KEYS = {
     "publickey",
     "presharedkey",
@@ -41,6 +48,8 @@ _CANONICAL = {
     "listenport": "ListenPort",
     "address": "Address",
     "mtu": "MTU",
+    "fwmark": "FwMark",
+    "table": "Table",
     "publickey": "PublicKey",
     "presharedkey": "PresharedKey",
     "presharedkeyfile": "PresharedKeyFile",
@@ -218,13 +227,80 @@ def _interface(s: _Section, source: str, name: str, base_dir: Path | None) -> In
         if "/" not in value:
             iface = ipaddress.ip_interface(f"{value}/{iface.max_prefixlen}")
         addresses.append(str(iface))
+    fwmark = 0
+    if (fm := _one(s, "fwmark")) is not None:
+        fwmark = _fwmark(fm, source)
+    manage_routes, table = True, None
+    if (t := _one(s, "table")) is not None:
+        manage_routes, table = _table(t, source)
     return InterfaceConfig(
         private_key=bytes(private.private_key),
         name=name,
         listen_port=port,
         addresses=tuple(addresses),
         mtu=mtu,
+        fwmark=fwmark,
+        manage_routes=manage_routes,
+        table=table,
     )
+
+
+def _fwmark(item: tuple[int, str], source: str) -> int:
+    """wg(8): a 32-bit mark, decimal or 0x-hex; 0 or ``off`` disables it."""
+    lineno, value = item
+    if value.lower() == "off":
+        return 0
+    try:
+        mark = int(value, 16) if value.lower().startswith("0x") else int(value, 10)
+    except ValueError:
+        raise ConfigError(
+            f"{source}:{lineno}: FwMark {value!r} is not a number; use decimal, 0x-hex or off"
+        ) from None
+    if not 0 <= mark <= _U32_MAX:
+        raise ConfigError(f"{source}:{lineno}: FwMark {value} is out of range (0-0xffffffff)")
+    return mark
+
+
+def _table(item: tuple[int, str], source: str) -> tuple[bool, int | None]:
+    """wg-quick(8) ``Table``: (routes managed?, table). ``auto`` (None: main, and policy routing for a /0),
+    ``off`` (no routes), a table number or a name from iproute2's rt_tables."""
+    lineno, value = item
+    low = value.lower()
+    if low == "auto":
+        return True, None
+    if low == "off":
+        return False, None
+    if value.isdigit():
+        table = int(value, 10)
+    else:
+        found = rt_table_names().get(value)
+        if found is None:
+            raise ConfigError(
+                f"{source}:{lineno}: Table {value!r} is not auto, off, a number or a table name from "
+                f"{RT_TABLES[-1]}"
+            )
+        table = found
+    if not 0 < table <= _U32_MAX:
+        raise ConfigError(f"{source}:{lineno}: Table {value} is out of range (1-4294967295)")
+    return True, table
+
+
+def rt_table_names() -> dict[str, int]:
+    """Routing table names as iproute2 reads them: its built-ins, then rt_tables (and ``rt_tables.d/*.conf``)
+    under /usr/share/iproute2 and /etc/iproute2, later files overriding earlier ones."""
+    names = dict(_BUILTIN_TABLES)
+    for base in RT_TABLES:
+        for path in (base, *sorted(base.parent.glob("rt_tables.d/*.conf"))):
+            try:
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2:
+                    with contextlib.suppress(ValueError):
+                        names[fields[1]] = int(fields[0], 0)
+    return names
 
 
 def _peer(s: _Section, source: str, base_dir: Path | None) -> PeerConfig:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tunnelmesh.node.errors import DataplaneError
-from tunnelmesh.node.udp import UdpSocket
+from tunnelmesh.node.udp import SO_MARK, UdpSocket
 from tunnelmesh.node.wg.actions import Endpoint
 
 
@@ -172,3 +172,14 @@ def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> 
     assert [len(d) for _a, ds in rest for d in ds] == [200, 300]
     assert rx.drained
     assert rx.recv_batch() == [] and rx.drained
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")
+def test_fwmark_marks_the_socket_and_0_clears_it(host: str) -> None:
+    """wg(8) fwmark: everything the socket sends carries the mark (policy routing keys on it); 0 is none."""
+    with UdpSocket.bind(host, 0, fwmark=0xCA6C) as sock:
+        assert sock.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0xCA6C == sock.fwmark
+        sock.set_mark(0)
+        assert sock.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0 == sock.fwmark
+    with UdpSocket.bind(host, 0) as sock:
+        assert sock.socket.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0

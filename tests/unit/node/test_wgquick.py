@@ -142,12 +142,73 @@ def test_a_name_that_resolves_to_ipv6_gives_an_ipv6_endpoint(monkeypatch: pytest
         (conf("[Peers]\n"), r"c.conf:3: unknown section \[Peers\]"),
         ("PrivateKey = x\n", r"c.conf:1: `PrivateKey` appears before any"),
         (conf("just words\n"), r"c.conf:3: expected `Key = Value`"),
+        (conf("FwMark = 0xfffffffff\n"), r"c.conf:3: FwMark 0xfffffffff is out of range"),
+        (conf("FwMark = -1\n"), r"c.conf:3: FwMark -1 is out of range"),
+        (conf("FwMark = 0xzz\n"), r"c.conf:3: FwMark '0xzz' is not a number; use decimal, 0x-hex or off"),
+        (conf("FwMark = 1\nFwMark = 2\n"), r"c.conf:4: `FwMark` is set twice"),
+        (conf("Table = 0\n"), r"c.conf:3: Table 0 is out of range"),
+        (conf("Table = 4294967296\n"), r"c.conf:3: Table 4294967296 is out of range"),
+        (conf("Table = no-such-table\n"), r"c.conf:3: Table 'no-such-table' is not auto, off, a number"),
     ],
 )
 def test_errors_name_file_line_and_field(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         wgquick.parse(text, source="c.conf")
     assert PRIV not in str(info.value) and PSK not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "mark"),
+    [
+        ("51820", 51820),
+        ("0xca6c", 51820),
+        ("0XCA6C", 51820),
+        ("0", 0),
+        ("off", 0),
+        ("Off", 0),
+        ("0xffffffff", 2**32 - 1),
+    ],
+)
+def test_fwmark_is_decimal_or_hex_and_off_or_0_disables_it(value: str, mark: int) -> None:
+    """wg(8) fwmark: "a 32-bit fwmark for outgoing packets. If set to 0 or "off", this option is disabled.
+    May be specified in hexadecimal by prepending "0x"."""
+    assert wgquick.parse(conf(f"FwMark = {value}\n")).interface.fwmark == mark
+
+
+def test_fwmark_and_table_default_to_none_and_auto() -> None:
+    iface = wgquick.parse(conf("")).interface
+    assert (iface.fwmark, iface.manage_routes, iface.table) == (0, True, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "routes", "table"),
+    [
+        ("auto", True, None),
+        ("off", False, None),
+        ("1234", True, 1234),
+        ("main", True, 254),
+        ("4294967295", True, 2**32 - 1),
+    ],
+)
+def test_table_auto_off_number_or_name(value: str, routes: bool, table: int | None) -> None:
+    """wg-quick(8) Table: "off" adds no routes; "auto" (the default) adds them to the main table, a default
+    route through policy routing; a number or name puts them in that table."""
+    iface = wgquick.parse(conf(f"Table = {value}\n")).interface
+    assert (iface.manage_routes, iface.table) == (routes, table)
+
+
+def test_table_names_come_from_iproute2_rt_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As iproute2 reads them: /etc/iproute2/rt_tables and rt_tables.d/*.conf override /usr/share."""
+    share, etc = tmp_path / "share", tmp_path / "etc"
+    (etc / "rt_tables.d").mkdir(parents=True)
+    share.mkdir()
+    (share / "rt_tables").write_text("255 local\n254 main\n100 vpn\n")
+    (etc / "rt_tables").write_text("# comment\n200\tvpn # moved\n0x10 hexed\n")
+    (etc / "rt_tables.d" / "extra.conf").write_text("300 extra\n")
+    monkeypatch.setattr(wgquick, "RT_TABLES", (share / "rt_tables", etc / "rt_tables"))
+    names = ("vpn", "hexed", "extra", "main")
+    tables = [wgquick.parse(conf(f"Table = {n}\n")).interface.table for n in names]
+    assert tables == [200, 16, 300, 254]
 
 
 def test_peer_with_own_public_key_is_refused() -> None:
@@ -190,3 +251,5 @@ def test_show_prints_like_wg_show() -> None:
     assert "transfer: 2.00 KiB received, 3.00 MiB sent" in text
     assert "persistent keepalive: every 25 seconds" in text
     assert "preshared key: (hidden)" in text
+    assert "fwmark" not in text  # like `wg show`: only when set
+    assert "  fwmark: 0xca6c\n" in format_status({**status, "fwmark": 51820}, now=1000.0)
