@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from tunnelmesh.netlab import Lab
 from tunnelmesh.netlab.process import Process
-from tunnelmesh.netlab.topology import Host
+from tunnelmesh.netlab.topology import Host, Node
 from tunnelmesh.node.dataplane import DataPlane, InterfaceConfig, PeerConfig, PeerStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,7 +255,7 @@ class WgGoNode:
         return int(out[1]) if len(out) >= 2 else 0
 
 
-def ping(host: Host, dst: str, count: int = 3, deadline: float = 10) -> None:
+def ping(host: Node, dst: str, count: int = 3, deadline: float = 10) -> None:
     host.run(["ping", "-c", str(count), "-i", "0.2", "-w", str(int(deadline)), dst], timeout=deadline + 5)
 
 

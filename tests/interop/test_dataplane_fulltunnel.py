@@ -6,7 +6,9 @@ into a "data centre" LAN where C lives. C is reachable only behind B (R has no r
 tunnel's addresses back via B. A and B are `tunnelmesh dataplane up` processes. With ``Table = auto`` (the
 default) A gets wg-quick's policy routing: ``default dev <iface> table 51820``, the rules ``not fwmark
 0xca6c lookup 51820`` and ``lookup main suppress_prefixlength 0``, and its UDP socket marked 0xca6c, so
-everything goes through the tunnel except the tunnel's own packets, which still leave through R.
+everything goes through the tunnel except the tunnel's own packets, which still leave through R; and
+wg-quick's nftables table (conntrack keeps the mark for B's replies, which strict reverse-path filtering then
+accepts; packets for A's tunnel addresses must come through the tunnel).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.interop.dataplane_helpers import WG_PORT, Engine, PeerSpec, TmNode, p
 from tunnelmesh.netlab import Lab, namespace
 from tunnelmesh.netlab.topology import Host
 from tunnelmesh.node.dataplane import PeerConfig
+from tunnelmesh.node.routes import nft_table
 from tunnelmesh.node.udp import SO_MARK
 
 pytestmark = [
@@ -80,6 +83,17 @@ def routes(host: Host, table: str, version: int = 4) -> list[str]:
 
 def tunnel_rules(host: Host, version: int = 4) -> list[str]:
     return [r for _, r in rules(host, version) if r not in DEFAULT_RULES]
+
+
+def nft_tables(host: Host) -> list[str]:
+    """Our nftables tables, as `nft list tables` prints them: ["ip tunnelmesh-tm0", ...]."""
+    out = host.run(["nft", "list", "tables"]).stdout
+    return [line.split(maxsplit=1)[1] for line in out.splitlines() if " tunnelmesh-" in line]
+
+
+def strict_rp_filter(host: Host) -> None:
+    for iface in ("all", "eth0"):  # eth0: the LAN (the kernel takes the larger of all and the interface's)
+        host.run(["sysctl", "-w", f"net.ipv4.conf.{iface}.rp_filter=1"])
 
 
 class Exit:
@@ -137,6 +151,7 @@ def test_default_route_through_an_exit_node(lab: Lab, net: Exit) -> None:
     assert net.tm_a.show()["fwmark"] == 51820
     assert f"dev {iface} table 51820" in a.run(["ip", "route", "get", c.ip]).stdout
     assert "dev eth0" in a.run(["ip", "route", "get", net.b.ip, "mark", "51820"]).stdout
+    assert nft_tables(a) == [f"ip {nft_table(iface)}", f"ip6 {nft_table(iface)}"]
 
     rx_before = net.tm_b.peer(net.tm_a.pub)["rx_packets"]
     ping(a, c.ip, count=20, deadline=20)  # ~4 s of traffic, every reply back: no routing loop
@@ -159,6 +174,7 @@ def test_default_route_through_an_exit_node(lab: Lab, net: Exit) -> None:
     for version in (4, 6):
         assert tunnel_rules(a, version) == []
         assert routes(a, "51820", version) == []
+    assert nft_tables(a) == []
 
 
 @pytest.mark.parametrize(
@@ -192,14 +208,17 @@ def test_restart_after_a_kill_replaces_the_leftover_rules(net: Exit) -> None:
     assert tunnel_rules(net.a) == [SUPPRESS, "not from all fwmark 0x1234 lookup 4660"]
     assert net.tm_a.proc is not None
     net.tm_a.proc.kill()
-    assert len(tunnel_rules(net.a)) == 2  # leftovers
+    ours = [f"ip {nft_table(net.tm_a.iface)}"]
+    assert len(tunnel_rules(net.a)) == 2 and nft_tables(net.a) == ours  # leftovers
+    strict_rp_filter(net.a)  # B's replies pass only through the new process's nftables rules
     net.up(config, allowed="0.0.0.0/0")
     assert net.tm_a.proc is not None
     net.tm_a.proc.wait_for_log(r"event=stale_rule_removed", timeout=5)
     assert tunnel_rules(net.a) == [SUPPRESS, "not from all fwmark 0x1234 lookup 4660"]
+    assert nft_tables(net.a) == ours
     ping(net.a, net.c.ip, count=3)
     net.tm_a.down()
-    assert tunnel_rules(net.a) == []
+    assert tunnel_rules(net.a) == [] and nft_tables(net.a) == []
 
 
 def test_live_peer_changes_add_and_remove_exactly_their_own_rules(
@@ -227,6 +246,7 @@ def test_live_peer_changes_add_and_remove_exactly_their_own_rules(
         mine = "not from all fwmark 0xca6c lookup 51820"
         theirs = "not from all fwmark 0xca6d lookup 51821"
         assert tunnel_rules(host) == [SUPPRESS, theirs, SUPPRESS, mine]  # each added before the others
+        assert nft_tables(host) == [f"ip {nft_table(one.plane.name)}", f"ip {nft_table(two.plane.name)}"]
         assert mark(two) == 51821 and mark(one) == 51820
         host.run(["ip", "rule", "add", "pref", "100", "from", "192.0.2.1", "lookup", "51821"])
         host.run(["ip", "route", "add", "192.0.2.0/24", "dev", "eth0", "table", "51821"])
@@ -238,6 +258,7 @@ def test_live_peer_changes_add_and_remove_exactly_their_own_rules(
         assert routes(host, "51820") == []
         assert f"10.0.0.0/8 dev {one.plane.name} proto static" in routes(host, "main")
         assert mark(one) == 0
+        assert nft_tables(host) == [f"ip {nft_table(two.plane.name)}"]
         # Both families back.
         one.plane.update_peer(peer1, allowed_ips=["0.0.0.0/0", "::/0"])
         assert mine in tunnel_rules(host, 4) and tunnel_rules(host, 6) == [SUPPRESS, mine]
@@ -246,26 +267,82 @@ def test_live_peer_changes_add_and_remove_exactly_their_own_rules(
         assert tunnel_rules(host, 6) == [] and mine not in tunnel_rules(host)
         one.plane.stop()  # nothing of one's is left to remove
         two.plane.stop()
-        assert tunnel_rules(host) == ["from 192.0.2.1 lookup 51821"]
+        assert tunnel_rules(host) == ["from 192.0.2.1 lookup 51821"] and nft_tables(host) == []
         assert routes(host, "51821") == ["192.0.2.0/24 dev eth0 scope link"]
     finally:
         one.plane.stop()
         two.plane.stop()
 
 
-def test_strict_reverse_path_filtering_is_reported(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
-    """With rp_filter=1 the kernel drops the exit node's UDP (its source now routes through the tunnel);
-    wg-quick avoids that with nftables conntrack-mark rules, which we do not add: say so."""
+def test_strict_reverse_path_filtering_passes_with_wg_quicks_nftables_rules(lab: Lab, net: Exit) -> None:
+    """wg-quick(8) with a /0 and nft: B's replies come in on A's LAN with a source that routes through the
+    tunnel, which rp_filter=1 drops, unless conntrack gives them the tunnel's mark back (``src_valid_mark``:
+    the check then uses the main table). And a packet for A's tunnel address must come through the tunnel."""
+    a, r = net.a, net.r
+    strict_rp_filter(a)
+    net.up()
+    iface = net.tm_a.iface
+    table = nft_table(iface)
+    assert nft_tables(a) == [f"ip {table}", f"ip6 {table}"]
+    listing = " ".join(a.run(["nft", "list", "table", "ip", table]).stdout.split())
+    for rule in (
+        f'iifname != "{iface}" ip daddr {TUN_A} fib saddr type != local drop',
+        "meta l4proto udp meta mark set ct mark",
+        "meta l4proto udp meta mark 0x0000ca6c ct mark set meta mark",
+    ):
+        assert rule in listing
+    assert (
+        f'iifname != "{iface}" ip6 daddr {TUN6_A} fib saddr'
+        in a.run(["nft", "list", "table", "ip6", table]).stdout
+    )
+    ping(a, net.c.ip, count=5)
+    ping(a, DC6_C, count=3)
+    tcp_transfer(lab, a, net.c, net.c.ip, 2 * 1024 * 1024)
+
+    # R (on A's LAN) sends to A's tunnel address: dropped; without the anti-spoofing rule A would answer.
+    r.run(["ip", "route", "add", f"{TUN_A}/32", "via", a.ip])
+    assert r.run(["ping", "-c2", "-W1", TUN_A], check=False).returncode != 0
+    a.run(["nft", "flush", "chain", "ip", table, "preraw"])
+    ping(r, TUN_A, count=2)
+
+    # Mutation: without the conntrack mark rules B's replies are dropped again.
+    for chain in ("premangle", "postmangle"):
+        a.run(["nft", "flush", "chain", "ip", table, chain])
+    assert a.run(["ping", "-c3", "-W1", net.c.ip], check=False).returncode != 0
+
+    net.tm_a.down()
+    assert nft_tables(a) == [] and tunnel_rules(a) == []
+
+
+def test_without_nft_the_routing_stays_and_strict_rp_filter_is_reported(
+    lab: Lab, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No `nft` on the PATH: the failure is logged, the policy routing stays (it works with rp_filter 0 or 2)
+    and, the nftables rules missing, strict reverse-path filtering is reported."""
     host = lab.host("x", lab.lan("l", "10.97.0.0/24"))
     host.run(["sysctl", "-w", "net.ipv4.conf.eth0.rp_filter=1"])
     e = Engine(host, "s", lab.id, "10.98.0.1")
     e.start()
+    exit_node = PeerConfig(bytes(32 * [7]), allowed_ips=("0.0.0.0/0",), endpoint=("10.97.0.9", 1))
     try:
-        with caplog.at_level(logging.WARNING, logger="tunnelmesh.node.dataplane"):
-            e.add_peer(PeerConfig(bytes(32 * [7]), allowed_ips=("0.0.0.0/0",), endpoint=("10.97.0.9", 1)))
+        with caplog.at_level(logging.INFO, logger="tunnelmesh.node.dataplane"):
+            e.add_peer(exit_node)  # with nft: no warning
+            assert f"event=nft_table_added iface={e.plane.name} ip=4" in caplog.text
+            assert "event=rp_filter_strict" not in caplog.text
+            e.plane.remove_peer(exit_node.public_key)
+            assert nft_tables(host) == []
+            caplog.clear()
+            with monkeypatch.context() as m:
+                m.setenv("PATH", str(tmp_path))  # the engine runs nft from this process
+                e.add_peer(exit_node)
+        (failed,) = [r.message for r in caplog.records if "event=default_route_failed" in r.message]
+        assert failed.startswith(f"event=default_route_failed iface={e.plane.name} ip=4 error=")
+        assert "nft not found" in failed
         assert f"event=rp_filter_strict iface={e.plane.name} interfaces=eth0 " in caplog.text
+        assert len(tunnel_rules(host)) == 2 and nft_tables(host) == []
     finally:
         e.plane.stop()
+    assert tunnel_rules(host) == []
 
 
 def test_the_node_agent_defaults_add_no_rules(lab: Lab) -> None:

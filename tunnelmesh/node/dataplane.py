@@ -48,9 +48,9 @@ drops both unknown types), so it always gets type 4 with complete checksums. See
 
 Routes (netlink, in the interface's namespace, whichever thread changes a peer): every peer's allowed IPs
 through the TUN device, in the main table or ``InterfaceConfig.table``. A /0 with the table left "auto"
-becomes wg-quick's policy routing instead (fwmark on the socket, a table of its own and two rules:
-``_sync_full_tunnel``, ``routes.py`` and docs/dataplane.md, Full tunnel), removed again when the /0 goes or
-the engine stops.
+becomes wg-quick's policy routing instead (fwmark on the socket, a table of its own, two rules and an nftables
+table: ``_sync_full_tunnel``, ``routes.py`` and docs/dataplane.md, Full tunnel), removed again when the /0
+goes or the engine stops.
 
 Offloads degrade gracefully: a kernel without ``IFF_VNET_HDR`` gives one packet per TUN read and write (and
 no seeded checksums), a socket without UDP GSO/GRO one datagram per syscall (``udp.py``).
@@ -304,6 +304,7 @@ class DataPlane:
         # Full tunnel (a /0 with Table = auto): IP version -> priorities of the two rules added for it.
         self._routes_lock = threading.Lock()
         self._full_tunnel: dict[int, tuple[int, int]] = {}
+        self._nft_families: set[int] = set()  # IP versions with our nftables table (routes.firewall_up)
         self._fwmark_table = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -688,6 +689,7 @@ class DataPlane:
                         )
                     else:
                         log.info("event=default_route_removed iface=%s table=%d ip=%d", name, table, version)
+                    self._firewall(version, up=False)
                 for version in sorted(wanted - set(self._full_tunnel)):
                     prefs = self.in_netns(functools.partial(routes.full_tunnel_up, name, version, table))
                     self._full_tunnel[version] = prefs
@@ -699,10 +701,40 @@ class DataPlane:
                         version,
                         *prefs,
                     )
+                    self._firewall(version, up=True)
                 if not self._full_tunnel:
                     udp.set_mark(self.config.fwmark)
             except (DataplaneError, OSError) as exc:
                 log.error("event=default_route_failed iface=%s error=%r", name, str(exc))
+
+    def _firewall(self, version: int, *, up: bool) -> None:
+        """Add or remove the full tunnel's nftables table of this family (``routes.firewall_up``). Without it
+        the routing still works, unless reverse-path filtering is strict: that is logged."""
+        name = self.name
+        if not up and version not in self._nft_families:
+            return
+        try:
+            if up:
+                addrs = self.config.addresses
+                self._in_netns(
+                    functools.partial(routes.firewall_up, name, version, self._fwmark_table, addrs)
+                )
+                self._nft_families.add(version)
+            else:
+                self._nft_families.discard(version)
+                self._in_netns(functools.partial(routes.firewall_down, name, version))
+        except (DataplaneError, OSError) as exc:
+            log.error("event=default_route_failed iface=%s ip=%d error=%r", name, version, str(exc))
+            if up and version == 4:
+                self._in_netns(functools.partial(routes.warn_strict_rp_filter, name))
+        else:
+            log.info(
+                "event=nft_table_%s iface=%s ip=%d table=%s",
+                "added" if up else "removed",
+                name,
+                version,
+                routes.nft_table(name),
+            )
 
     def _in_netns(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` (netlink work) in the interface's network namespace: directly if the calling thread is
