@@ -6,7 +6,9 @@ Connection flags (--coord, --ca, --token, --data-dir, --profile): see cli/connec
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from google.protobuf.json_format import MessageToDict
@@ -15,6 +17,8 @@ from tunnelmesh.api.v1 import admin_pb2
 from tunnelmesh.cli.connect import Connection, connection_options
 
 _ROLE = {admin_pb2.MEMBER_ROLE_VOTER: "voter", admin_pb2.MEMBER_ROLE_LEARNER: "learner"}
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -81,13 +85,18 @@ def remove(conn: Connection, member_id: str) -> None:
     click.echo(f"removed {member_id}; {len(r.members)} members remain")
 
 
+def _offline_data_dir(help_text: str) -> Callable[[F], F]:
+    """``--data-dir`` of the offline recovery commands (the coordinator must be stopped: they rewrite it)."""
+    return click.option(
+        "--data-dir",
+        required=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help=help_text,
+    )
+
+
 @cluster.command("force-new-cluster")
-@click.option(
-    "--data-dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The data dir of a STOPPED surviving coordinator.",
-)
+@_offline_data_dir("The data dir of a STOPPED surviving coordinator.")
 @click.option("--yes", is_flag=True, help="Confirm: every other member is dropped from the cluster.")
 def force_new_cluster(data_dir: Path, yes: bool) -> None:
     """Disaster recovery when a majority of coordinators is lost for good: make this stopped coordinator the
@@ -176,12 +185,7 @@ def snapshot_inspect(file: Path, as_json: bool) -> None:
 
 @snapshot.command("restore")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--data-dir",
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The data dir of a STOPPED coordinator of the backup's cluster.",
-)
+@_offline_data_dir("The data dir of a STOPPED coordinator of the backup's cluster.")
 @click.option("--yes", is_flag=True, help="Confirm: its state is replaced and every other member dropped.")
 def snapshot_restore(file: Path, data_dir: Path, yes: bool) -> None:
     """Make the stopped coordinator in --data-dir the only member of its cluster, with the state saved in
