@@ -5,17 +5,23 @@
     tunnelmesh dataplane down tm0
 
 `up` serves its state on a root-only UNIX socket (``/run/tunnelmesh/<iface>.sock``, see ``node/control.py``),
-which `show` and `down` talk to.
+which `show` and `down` talk to. It runs the file's ``PreUp``/``PostUp``/``PreDown``/``PostDown`` commands as
+wg-quick does (``bash -c``, ``%i`` = the interface), each with a deadline (``HOOK_TIMEOUT``): a failing
+``PreUp`` or ``PostUp`` stops `up` (the interface is taken down again); a failing ``PreDown``/``PostDown`` is
+reported and the interface still goes down.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -26,6 +32,8 @@ from tunnelmesh.node import control, wgquick
 from tunnelmesh.node.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
+
+HOOK_TIMEOUT = 60.0  # seconds one PreUp/PostUp/PreDown/PostDown command may take
 
 
 @click.group(name="dataplane")
@@ -74,11 +82,17 @@ def up(
 
         registry = CollectorRegistry()
     plane = DataPlane(interface, cfg.peers, registry=registry)
+    hooks = cfg.hooks
+    _run_hooks("PreUp", hooks.pre_up, interface.name)
     stopping = threading.Event()
     server = control.ControlServer(interface.name, plane.status, stopping.set)
     server.start()
+    is_up = False
+    down_failures: list[str] = []
     try:
         plane.start()
+        _run_hooks("PostUp", hooks.post_up, interface.name)
+        is_up = True
         if metrics_addr and registry is not None:
             from prometheus_client import start_http_server
 
@@ -104,8 +118,37 @@ def up(
                 )
     finally:
         server.close()
+        if is_up:  # as wg-quick: the down hooks belong to an interface that came up
+            down_failures += _run_hooks("PreDown", hooks.pre_down, interface.name, check=False)
         plane.stop()
+        if is_up:
+            down_failures += _run_hooks("PostDown", hooks.post_down, interface.name, check=False)
     click.echo(f"interface {interface.name} down")
+    if down_failures:
+        raise TunnelMeshError("; ".join(down_failures))
+
+
+def _run_hooks(stage: str, commands: Sequence[str], iface: str, *, check: bool = True) -> list[str]:
+    """Run ``commands`` in order (output goes where ours goes). With ``check`` the first failure raises
+    TunnelMeshError; without, every command runs and the failures are returned (and logged)."""
+    shell = shutil.which("bash") or "/bin/sh"
+    failures: list[str] = []
+    for command in commands:
+        line = command.replace("%i", iface)
+        log.info("event=hook_run stage=%s iface=%s command=%r", stage, iface, line)
+        sys.stdout.flush()
+        try:
+            code = subprocess.run([shell, "-c", line], timeout=HOOK_TIMEOUT, check=False).returncode
+            failure = f"{stage} `{line}` exited with status {code}" if code else ""
+        except subprocess.TimeoutExpired:
+            failure = f"{stage} `{line}` did not finish within {HOOK_TIMEOUT:g} s"
+        if not failure:
+            continue
+        log.error("event=hook_failed stage=%s iface=%s reason=%r", stage, iface, failure)
+        if check:
+            raise TunnelMeshError(failure)
+        failures.append(failure)
+    return failures
 
 
 @dataplane.command()

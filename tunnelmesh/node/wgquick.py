@@ -3,9 +3,10 @@
 The format is wg-quick's (``wg-quick(8)``, ``wg(8)``): INI-like, ``Key = Value`` lines, ``#`` comments, keys
 case-insensitive, any number of ``[Peer]`` sections, list values comma-separated and repeatable
 (``AllowedIPs`` on several lines add up). ``FwMark`` and ``Table`` mean what they mean to wg-quick (a /0
-with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel). Existing files work
-unchanged: keys that only wg-quick's shell script acts on (``DNS``, ``PreUp``/``PostUp``/``PreDown``/
-``PostDown``, ``SaveConfig``) are accepted and reported as ignored. ``PrivateKeyFile`` and
+with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel). ``PreUp``/``PostUp``/
+``PreDown``/``PostDown`` (repeatable, in order) are collected as ``Hooks`` for ``tunnelmesh dataplane up`` to
+run as wg-quick does. Existing files work unchanged: ``DNS`` and ``SaveConfig`` are accepted and reported as
+ignored. ``PrivateKeyFile`` and
 ``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be
 mode 0600, as ``tunnelmesh.identity`` requires).
 
@@ -26,10 +27,23 @@ from tunnelmesh.errors import ConfigError, IdentityError
 from tunnelmesh.identity import parse_private_key, parse_public_key, read_private_key_file
 from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
 
-__all__ = ["WgQuickConfig", "interface_name_for", "load", "parse"]
+__all__ = ["Hooks", "WgQuickConfig", "interface_name_for", "load", "parse"]
 
-_INTERFACE_KEYS = {"privatekey", "privatekeyfile", "listenport", "address", "mtu", "fwmark", "table"}
-_IGNORED_INTERFACE_KEYS = {"dns", "preup", "postup", "predown", "postdown", "saveconfig"}
+_INTERFACE_KEYS = {
+    "privatekey",
+    "privatekeyfile",
+    "listenport",
+    "address",
+    "mtu",
+    "fwmark",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+}
+_IGNORED_INTERFACE_KEYS = {"dns", "saveconfig"}
+_HOOK_KEYS = ("preup", "postup", "predown", "postdown")
 # Where iproute2 looks up table names (``table NAME``); /etc overrides /usr/share (iproute2 6.5+).
 RT_TABLES = (Path("/usr/share/iproute2/rt_tables"), Path("/etc/iproute2/rt_tables"))
 _BUILTIN_TABLES = {"default": 253, "main": 254, "local": 255}  # iproute2 knows these without any file
@@ -50,6 +64,10 @@ _CANONICAL = {
     "mtu": "MTU",
     "fwmark": "FwMark",
     "table": "Table",
+    "preup": "PreUp",
+    "postup": "PostUp",
+    "predown": "PreDown",
+    "postdown": "PostDown",
     "publickey": "PublicKey",
     "presharedkey": "PresharedKey",
     "presharedkeyfile": "PresharedKeyFile",
@@ -60,10 +78,22 @@ _CANONICAL = {
 
 
 @dataclass(frozen=True, slots=True)
+class Hooks:
+    """wg-quick's shell commands, each run by ``bash -c`` with ``%i`` replaced by the interface name: before
+    the interface is made, once it is up, before it is taken down and after it is gone."""
+
+    pre_up: tuple[str, ...] = ()
+    post_up: tuple[str, ...] = ()
+    pre_down: tuple[str, ...] = ()
+    post_down: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class WgQuickConfig:
     interface: InterfaceConfig
     peers: tuple[PeerConfig, ...]
     ignored: tuple[str, ...] = field(default=())  # "file:line: Key" of keys we accept but do not act on
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 def interface_name_for(path: str | os.PathLike[str]) -> str:
@@ -135,7 +165,7 @@ def parse(
             raise ConfigError(
                 f"{where}: unknown key `{key}` in [{section.kind.title()}]; expected one of {names}"
             )
-        if lkey not in ("address", "allowedips") and lkey in section.values:
+        if lkey not in ("address", "allowedips", *_HOOK_KEYS) and lkey in section.values:
             first = section.values[lkey][0][0]
             raise ConfigError(f"{where}: `{key}` is set twice in this section (first on line {first})")
         section.values.setdefault(lkey, []).append((lineno, value))
@@ -159,7 +189,8 @@ def parse(
             raise ConfigError(f"{source}:{s.line}: [Peer] has this interface's own public key")
         seen[peer.public_key] = s.line
         peers.append(peer)
-    return WgQuickConfig(iface, tuple(peers), tuple(ignored))
+    hooks = Hooks(*(tuple(v for _, v in interfaces[0].values.get(k, ()) if v) for k in _HOOK_KEYS))
+    return WgQuickConfig(iface, tuple(peers), tuple(ignored), hooks)
 
 
 def _public_of(private_key: bytes) -> bytes:

@@ -37,6 +37,8 @@ def test_full_file_as_wg_quick_writes_it() -> None:
     MTU = 1380
     DNS = 1.1.1.1
     PostUp = iptables -A FORWARD -i %i -j ACCEPT
+    PostUp = echo second
+    PreDown = echo bye %i
 
     [Peer]
     PublicKey = {PUB}
@@ -57,7 +59,11 @@ def test_full_file_as_wg_quick_writes_it() -> None:
     assert peer.endpoint == ("192.0.2.7", 51820)
     assert peer.allowed_ips == ("10.0.0.2/32", "10.1.0.0/16")  # repeated keys add up (wg-quick)
     assert peer.persistent_keepalive == 25.0
-    assert [w.split(": ")[1] for w in cfg.ignored] == ["DNS", "PostUp"]
+    assert [w.split(": ")[1] for w in cfg.ignored] == ["DNS"]
+    # Hooks repeat and keep their order; %i is replaced when they run (tunnelmesh dataplane up).
+    assert cfg.hooks == wgquick.Hooks(
+        post_up=("iptables -A FORWARD -i %i -j ACCEPT", "echo second"), pre_down=("echo bye %i",)
+    )
 
 
 def test_keys_are_case_insensitive_and_address_without_prefix_is_a_host() -> None:
