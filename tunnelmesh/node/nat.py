@@ -1138,9 +1138,7 @@ class PathManager:
 
     def _received(self, data: bytes, addr: Endpoint, at: float) -> None:
         self._processed += 1
-        src: Endpoint = (str(addr[0]), int(addr[1]))
-        if src[0].startswith("::ffff:"):
-            src = (src[0][7:], src[1])
+        src: Endpoint = (str(addr[0]), int(addr[1]))  # plain (host, port): UdpSocket unmaps IPv4 sources
         kind = data[0] if data else 0
         try:
             if kind == relay_wire.REFLECT_RESPONSE:
