@@ -17,7 +17,9 @@ raises its own buffers (``SO_*BUFFORCE``).
     sudo python bench/dataplane.py [--duration 5] [--repeat 1] [--loss 1.0] [--json FILE]
     sudo python bench/dataplane.py --ping-only --repeat 5   # latency rounds only, same setup
 
-``ping_cpu`` is the CPU % each tunnel process used during the ping run (what idle-time latency costs).
+``ping_cpu`` is the CPU % each tunnel process used during the ping run (what idle-time latency costs). With
+``--repeat`` it also prints (and writes as ``round_ratios``) TunnelMesh / wireguard-go of each round: the
+rounds interleave the paths, so their spread shows how much of a median ratio is the machine's noise.
 
 Needs root, iperf3, wireguard-go and wg.
 """
@@ -306,7 +308,8 @@ def main() -> int:
                 print(f"round {r + 1} {n}: {json.dumps(res)}", flush=True)
     summary = {n: _median(v) for n, v in rounds.items()}
     ratios = _ratios(summary)
-    _print(summary, ratios, args)
+    per_round = _round_ratios(rounds)
+    _print(summary, ratios, args, per_round)
     if args.json_path:
         Path(args.json_path).write_text(
             json.dumps(
@@ -316,6 +319,7 @@ def main() -> int:
                     "rounds": rounds,
                     "median": summary,
                     "ratios": ratios,
+                    "round_ratios": per_round,
                 },
                 indent=2,
             )
@@ -350,8 +354,24 @@ def _ratios(summary: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _round_ratios(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """TunnelMesh / wireguard-go of each figure in each round (the rounds interleave the paths, so round r
+    of both ran under the same background): how much of a median ratio is noise."""
+    tm, wg = rounds.get("tunnelmesh"), rounds.get("wireguard-go")
+    if not tm or not wg:
+        return {}
+    out = {
+        k: [round(a[k] / b[k], 2) for a, b in zip(tm, wg, strict=False) if k in a and b.get(k)]
+        for k in FIGURES
+    }
+    return {k: v for k, v in out.items() if v}
+
+
 def _print(
-    summary: dict[str, dict[str, Any]], ratios: dict[str, dict[str, float]], args: argparse.Namespace
+    summary: dict[str, dict[str, Any]],
+    ratios: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    per_round: dict[str, list[float]],
 ) -> None:
     print()
     print(
@@ -373,6 +393,11 @@ def _print(
     print("(throughput in Gbit/s; ping: mean of 100 after the 1st, which carries a fresh tunnel's handshake)")
     for name, vals in ratios.items():
         print(f"{name:<26}" + "  ".join(f"{k}={v:.2f}" for k, v in vals.items()))
+    if len(next(iter(per_round.values()), [])) > 1:
+        print(
+            "tunnelmesh/wireguard-go per round: "
+            + "  ".join(f"{k}={'/'.join(map(str, v))}" for k, v in per_round.items())
+        )
 
 
 if __name__ == "__main__":
