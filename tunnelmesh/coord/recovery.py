@@ -185,7 +185,7 @@ def restore_backup(raft_dir: Path, backup: admin_pb2.ClusterBackup) -> Recovered
                 f"{backup.info.cluster_id}: restore it into a data dir of its own cluster"
             )
         saved, state_bytes = decode_snapshot(backup.data)
-        local, _, _ = _replay(storage)
+        local, _, _ = _replay(storage, with_state=False)  # its own member record and removed ids
         if me in saved.removed or me in local.removed:
             raise RecoveryError(
                 f"{storage.data_dir}: member {member_label(me)} was removed from the cluster: restore into "
@@ -224,12 +224,13 @@ def _identity(storage: SqliteStorage) -> tuple[int, str]:
     return ident.member_id, ident.cluster_id
 
 
-def _replay(storage: SqliteStorage) -> tuple[Registry, MeshState, int]:
+def _replay(storage: SqliteStorage, *, with_state: bool = True) -> tuple[Registry, MeshState, int]:
     """The member registry and mesh state after the snapshot plus every entry of the log, committed or not
-    (see the module docstring), and how many entries that replayed."""
+    (see the module docstring), and how many entries that replayed. ``with_state`` False: the registry only
+    (the mesh state stays empty)."""
     snap = storage.snapshot()
     registry, state_bytes = decode_snapshot(snap.data)
-    state = MeshState.from_snapshot(state_bytes) if state_bytes else MeshState()
+    state = MeshState.from_snapshot(state_bytes) if state_bytes and with_state else MeshState()
     last = storage.last_index()
     replayed = 0
     lo = snap.index + 1
@@ -238,7 +239,7 @@ def _replay(storage: SqliteStorage) -> tuple[Registry, MeshState, int]:
         for e in storage.entries(lo, hi):
             if e.type == EntryType.CONF_CHANGE:
                 registry.apply_change(ConfChange.decode(e.data))
-            elif e.index > state.applied_index:
+            elif with_state and e.index > state.applied_index:
                 state.apply(e.index, e.data)
             replayed += 1
         lo = hi

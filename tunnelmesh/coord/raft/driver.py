@@ -68,7 +68,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tunnelmesh import pki
@@ -587,14 +587,10 @@ class Driver:
             return
         if self.applied - self.snapshot_index < self.opts.snapshot_entries:
             return
-        index, conf_state = self.applied, self.conf_state
-        registry = Registry(dict(self.registry.members), set(self.registry.removed))
-        view = snapshot_view(self.state)
-
-        def encode() -> tuple[int, ConfState, bytes]:
-            return index, conf_state, encode_snapshot(registry, view.snapshot())
-
-        self._snapshot_task = asyncio.create_task(asyncio.to_thread(encode), name="raft-snapshot-encode")
+        index, conf_state, encode = self.applied, self.conf_state, self._snapshot_encoder()
+        self._snapshot_task = asyncio.create_task(
+            asyncio.to_thread(lambda: (index, conf_state, encode())), name="raft-snapshot-encode"
+        )
         self._snapshot_task.add_done_callback(lambda _: self._wake.set())
 
     async def backup(self) -> tuple[int, int, bytes]:
@@ -602,10 +598,14 @@ class Driver:
         ``_maybe_snapshot``, handed to the caller instead of recorded (an online backup; the caller runs a
         read barrier first if it must include every write acknowledged before)."""
         index, term = self.applied, self.node.raft.term
+        return index, term, await asyncio.to_thread(self._snapshot_encoder())
+
+    def _snapshot_encoder(self) -> Callable[[], bytes]:
+        """Snapshot data of the state applied now, to encode in another thread: the registry and the state
+        are copied here, on the loop (cheap: containers only), so applying may go on meanwhile."""
         registry = Registry(dict(self.registry.members), set(self.registry.removed))
         view = snapshot_view(self.state)
-        data = await asyncio.to_thread(lambda: encode_snapshot(registry, view.snapshot()))
-        return index, term, data
+        return lambda: encode_snapshot(registry, view.snapshot())
 
     async def _record_snapshot(self, index: int, conf_state: ConfState, data: bytes) -> None:
         snap = await asyncio.to_thread(self.storage.create_snapshot, index, conf_state, data)
