@@ -5,10 +5,12 @@
     tunnelmesh dataplane down tm0
 
 `up` serves its state on a root-only UNIX socket (``/run/tunnelmesh/<iface>.sock``, see ``node/control.py``),
-which `show` and `down` talk to. It runs the file's ``PreUp``/``PostUp``/``PreDown``/``PostDown`` commands as
-wg-quick does (``bash -c``, ``%i`` = the interface), each with a deadline (``HOOK_TIMEOUT``): a failing
-``PreUp`` or ``PostUp`` stops `up` (the interface is taken down again); a failing ``PreDown``/``PostDown`` is
-reported and the interface still goes down.
+which `show` and `down` talk to. In wg-quick's order: ``PreUp``, the interface (addresses, routes), ``DNS``
+through resolvconf (``node/resolvconf.py``), ``PostUp``; on the way down ``PreDown``, the interface goes, the
+DNS record is removed, ``PostDown``. Hooks run as with wg-quick (``bash -c``, ``%i`` = the interface),
+each with a deadline (``HOOK_TIMEOUT``): a failing ``PreUp``, ``DNS`` or ``PostUp`` stops `up` (whatever was
+made is undone); a failing ``PreDown``/``PostDown`` or DNS removal is reported and the interface still goes
+down.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import click
 
 from tunnelmesh.errors import TunnelMeshError
-from tunnelmesh.node import control, wgquick
+from tunnelmesh.node import control, resolvconf, wgquick
 from tunnelmesh.node.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
@@ -87,10 +89,13 @@ def up(
     stopping = threading.Event()
     server = control.ControlServer(interface.name, plane.status, stopping.set)
     server.start()
-    is_up = False
+    is_up = dns_set = False
     down_failures: list[str] = []
     try:
         plane.start()
+        if cfg.dns:
+            resolvconf.set_dns(interface.name, cfg.dns.servers, cfg.dns.search)
+            dns_set = True
         _run_hooks("PostUp", hooks.post_up, interface.name)
         is_up = True
         if metrics_addr and registry is not None:
@@ -121,6 +126,8 @@ def up(
         if is_up:  # as wg-quick: the down hooks belong to an interface that came up
             down_failures += _run_hooks("PreDown", hooks.pre_down, interface.name, check=False)
         plane.stop()
+        if dns_set and (failure := resolvconf.unset_dns(interface.name)):
+            down_failures.append(failure)
         if is_up:
             down_failures += _run_hooks("PostDown", hooks.post_down, interface.name, check=False)
     click.echo(f"interface {interface.name} down")

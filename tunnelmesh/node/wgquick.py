@@ -5,10 +5,11 @@ case-insensitive, any number of ``[Peer]`` sections, list values comma-separated
 (``AllowedIPs`` on several lines add up). ``FwMark`` and ``Table`` mean what they mean to wg-quick (a /0
 with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel). ``PreUp``/``PostUp``/
 ``PreDown``/``PostDown`` (repeatable, in order) are collected as ``Hooks`` for ``tunnelmesh dataplane up`` to
-run as wg-quick does. Existing files work unchanged: ``DNS`` and ``SaveConfig`` are accepted and reported as
-ignored. ``PrivateKeyFile`` and
-``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be
-mode 0600, as ``tunnelmesh.identity`` requires).
+run as wg-quick does. ``DNS`` (comma-separated, repeatable: IP addresses are name servers, anything else a
+search domain) is set through ``resolvconf`` while the interface is up (``node/resolvconf.py``). Existing
+files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``PrivateKeyFile`` and
+``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be mode
+0600, as ``tunnelmesh.identity`` requires).
 
 Every error names the file, the line and the field, and says what a valid value looks like; no error message
 contains key material.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from tunnelmesh.errors import ConfigError, IdentityError
 from tunnelmesh.identity import parse_private_key, parse_public_key, read_private_key_file
 from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
 
-__all__ = ["Hooks", "WgQuickConfig", "interface_name_for", "load", "parse"]
+__all__ = ["Dns", "Hooks", "WgQuickConfig", "interface_name_for", "load", "parse"]
 
 _INTERFACE_KEYS = {
     "privatekey",
@@ -41,13 +43,16 @@ _INTERFACE_KEYS = {
     "postup",
     "predown",
     "postdown",
+    "dns",
 }
-_IGNORED_INTERFACE_KEYS = {"dns", "saveconfig"}
+_IGNORED_INTERFACE_KEYS = {"saveconfig"}
 _HOOK_KEYS = ("preup", "postup", "predown", "postdown")
 # Where iproute2 looks up table names (``table NAME``); /etc overrides /usr/share (iproute2 6.5+).
 RT_TABLES = (Path("/usr/share/iproute2/rt_tables"), Path("/etc/iproute2/rt_tables"))
 _BUILTIN_TABLES = {"default": 253, "main": 254, "local": 255}  # iproute2 knows these without any file
 _U32_MAX = 0xFFFFFFFF
+_LOOKS_LIKE_ADDRESS = re.compile(r"[0-9.]+")  # wg-quick's test: such a DNS item is a server, not a domain
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _PEER_KEYS = {
     "publickey",
     "presharedkey",
@@ -68,6 +73,7 @@ _CANONICAL = {
     "postup": "PostUp",
     "predown": "PreDown",
     "postdown": "PostDown",
+    "dns": "DNS",
     "publickey": "PublicKey",
     "presharedkey": "PresharedKey",
     "presharedkeyfile": "PresharedKeyFile",
@@ -89,11 +95,23 @@ class Hooks:
 
 
 @dataclass(frozen=True, slots=True)
+class Dns:
+    """wg-quick's ``DNS``: the name servers and search domains the system uses while the interface is up."""
+
+    servers: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.servers or self.search)
+
+
+@dataclass(frozen=True, slots=True)
 class WgQuickConfig:
     interface: InterfaceConfig
     peers: tuple[PeerConfig, ...]
     ignored: tuple[str, ...] = field(default=())  # "file:line: Key" of keys we accept but do not act on
     hooks: Hooks = field(default_factory=Hooks)
+    dns: Dns = field(default_factory=Dns)
 
 
 def interface_name_for(path: str | os.PathLike[str]) -> str:
@@ -165,7 +183,7 @@ def parse(
             raise ConfigError(
                 f"{where}: unknown key `{key}` in [{section.kind.title()}]; expected one of {names}"
             )
-        if lkey not in ("address", "allowedips", *_HOOK_KEYS) and lkey in section.values:
+        if lkey not in ("address", "allowedips", "dns", *_HOOK_KEYS) and lkey in section.values:
             first = section.values[lkey][0][0]
             raise ConfigError(f"{where}: `{key}` is set twice in this section (first on line {first})")
         section.values.setdefault(lkey, []).append((lineno, value))
@@ -190,7 +208,36 @@ def parse(
         seen[peer.public_key] = s.line
         peers.append(peer)
     hooks = Hooks(*(tuple(v for _, v in interfaces[0].values.get(k, ()) if v) for k in _HOOK_KEYS))
-    return WgQuickConfig(iface, tuple(peers), tuple(ignored), hooks)
+    return WgQuickConfig(iface, tuple(peers), tuple(ignored), hooks, _dns(interfaces[0], source))
+
+
+def _dns(s: _Section, source: str) -> Dns:
+    """wg-quick(8) ``DNS``: an item that looks like an address (digits and dots, or a colon) must be one and
+    is a name server; anything else must be a domain name and is a search domain. Duplicates are dropped."""
+    servers: list[str] = []
+    search: list[str] = []
+    for lineno, value in _list(s, "dns"):
+        if _LOOKS_LIKE_ADDRESS.fullmatch(value) or ":" in value:
+            try:
+                item = str(ipaddress.ip_address(value))
+            except ValueError:
+                raise ConfigError(
+                    f"{source}:{lineno}: DNS {value!r} is not an IP address (name servers are given by "
+                    f"address, e.g. 10.0.0.53 or fd00::53)"
+                ) from None
+            if item not in servers:
+                servers.append(item)
+            continue
+        name = value.rstrip(".")
+        labels = name.split(".")
+        if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+            raise ConfigError(
+                f"{source}:{lineno}: DNS {value!r} is neither an IP address nor a domain name "
+                f"(a search domain is letters, digits and hyphens in dot-separated labels, e.g. corp.example)"
+            )
+        if name not in search:
+            search.append(name)
+    return Dns(tuple(servers), tuple(search))
 
 
 def _public_of(private_key: bytes) -> bytes:

@@ -15,7 +15,7 @@ import pytest
 
 from tunnelmesh.cli.dataplane_cmd import format_status
 from tunnelmesh.errors import ConfigError
-from tunnelmesh.node import wgquick
+from tunnelmesh.node import resolvconf, wgquick
 
 PRIV = base64.b64encode(bytes(nacl.public.PrivateKey.generate())).decode()
 PEER_PRIV = nacl.public.PrivateKey.generate()
@@ -36,6 +36,7 @@ def test_full_file_as_wg_quick_writes_it() -> None:
     Address = 10.0.0.1/24, fd00::1/64
     MTU = 1380
     DNS = 1.1.1.1
+    SaveConfig = true
     PostUp = iptables -A FORWARD -i %i -j ACCEPT
     PostUp = echo second
     PreDown = echo bye %i
@@ -59,7 +60,8 @@ def test_full_file_as_wg_quick_writes_it() -> None:
     assert peer.endpoint == ("192.0.2.7", 51820)
     assert peer.allowed_ips == ("10.0.0.2/32", "10.1.0.0/16")  # repeated keys add up (wg-quick)
     assert peer.persistent_keepalive == 25.0
-    assert [w.split(": ")[1] for w in cfg.ignored] == ["DNS"]
+    assert [w.split(": ")[1] for w in cfg.ignored] == ["SaveConfig"]
+    assert cfg.dns == wgquick.Dns(servers=("1.1.1.1",))
     # Hooks repeat and keep their order; %i is replaced when they run (tunnelmesh dataplane up).
     assert cfg.hooks == wgquick.Hooks(
         post_up=("iptables -A FORWARD -i %i -j ACCEPT", "echo second"), pre_down=("echo bye %i",)
@@ -155,6 +157,12 @@ def test_a_name_that_resolves_to_ipv6_gives_an_ipv6_endpoint(monkeypatch: pytest
         (conf("Table = 0\n"), r"c.conf:3: Table 0 is out of range"),
         (conf("Table = 4294967296\n"), r"c.conf:3: Table 4294967296 is out of range"),
         (conf("Table = no-such-table\n"), r"c.conf:3: Table 'no-such-table' is not auto, off, a number"),
+        (conf("DNS = 10.0.0.300\n"), r"c.conf:3: DNS '10.0.0.300' is not an IP address"),
+        (conf("DNS = 10.0.0.1\nDNS = fd00::1::2\n"), r"c.conf:4: DNS 'fd00::1::2' is not an IP address"),
+        (conf("DNS = corp example\n"), r"c.conf:3: DNS 'corp example' is neither an IP address nor a domain"),
+        (conf("DNS = -corp.example\n"), r"c.conf:3: DNS '-corp.example' is neither"),
+        (conf("DNS = a..b\n"), r"c.conf:3: DNS 'a..b' is neither"),
+        (conf(f"DNS = {'x' * 64}.example\n"), r"c.conf:3: DNS 'x+.example' is neither"),
     ],
 )
 def test_errors_name_file_line_and_field(text: str, message: str) -> None:
@@ -215,6 +223,31 @@ def test_table_names_come_from_iproute2_rt_tables(tmp_path: Path, monkeypatch: p
     names = ("vpn", "hexed", "extra", "main")
     tables = [wgquick.parse(conf(f"Table = {n}\n")).interface.table for n in names]
     assert tables == [200, 16, 300, 254]
+
+
+def test_dns_servers_and_search_domains() -> None:
+    """wg-quick(8): DNS items that are IP addresses are name servers, the others search domains; lists are
+    comma-separated and the key repeats. Repeats count once, addresses are written canonically."""
+    cfg = wgquick.parse(
+        conf("DNS = 10.0.0.53, FD00:0::53 , corp.example.\nDNS = 10.0.0.53,lab.corp.example, corp.example\n")
+    )
+    assert cfg.dns == wgquick.Dns(
+        servers=("10.0.0.53", "fd00::53"), search=("corp.example", "lab.corp.example")
+    )
+    assert not cfg.ignored
+    assert not wgquick.parse(conf("")).dns  # none: `dataplane up` leaves the system's resolver alone
+
+
+def test_resolvconf_record_takes_the_interface_order_prefix(tmp_path: Path) -> None:
+    """wg-quick's resolvconf_iface_prefix: Debian's resolvconf orders records by interface-order, whose first
+    ``name*`` pattern names the prefix; without the file the record is the interface name."""
+    order = tmp_path / "interface-order"
+    assert resolvconf.record_name("wg0", order) == "wg0"
+    # Debian's file: `lo.inet*` is no plain-name pattern, `tun*` is the first.
+    order.write_text("# interfaces in order\nlo.inet6\nlo.inet*\nlo\ntun*\ntap*\nem+([0-9])\n")
+    assert resolvconf.record_name("wg0", order) == "tun.wg0"
+    order.write_text("wg*\ntun*\n")
+    assert resolvconf.record_name("wg0", order) == "wg.wg0"
 
 
 def test_peer_with_own_public_key_is_refused() -> None:

@@ -1,0 +1,209 @@
+"""wg-quick's ``DNS`` in `tunnelmesh dataplane up` (a real process in a netlab host): the name servers and
+search domains go to the system through a real openresolv while the interface is up, names resolve through the
+tunnel (glibc's resolver asking a dnsmasq behind a Debian wireguard-go peer), and they are taken back on the
+way down; a missing or failing resolvconf fails `up` with the reason and leaves nothing behind.
+
+Isolation: every process netlab starts runs under ``ip netns exec``, which bind-mounts the files of
+``/etc/netns/<namespace>/`` over ``/etc``. The test puts a ``resolv.conf`` and a ``resolvconf.conf`` (state
+in the test's directory, no subscriber but libc) there, so neither the machine's resolver nor its
+openresolv state is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.interop.dataplane_helpers import ROOT, WG_PORT, PeerSpec, TmNode, WgGoNode, genkey, wg_quick_text
+from tunnelmesh.netlab import Lab
+from tunnelmesh.netlab.process import Process
+from tunnelmesh.netlab.topology import Host, Lan
+from tunnelmesh.node import resolvconf
+
+
+def _openresolv() -> bool:
+    """The isolation below relies on openresolv's resolvconf.conf (state_dir, resolv_conf)."""
+    exe = shutil.which("resolvconf")
+    if exe is None:
+        return False
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    return out.stdout.startswith("openresolv")
+
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network namespaces and TUN devices"),
+    pytest.mark.skipif(
+        not _openresolv(),
+        reason="another resolvconf than openresolv is installed (scripts/install-system-deps)",
+    ),
+    pytest.mark.timeout(90),
+]
+
+TM_IP, WG_IP = "10.68.1.1", "10.68.1.2"
+PRINTER = "10.68.9.9"  # what the DNS server behind the tunnel answers for printer.corp.test
+BEFORE = "# the namespace's own resolver\nnameserver 127.0.0.1\n"
+RESOLVE = "import socket, sys; print(socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)[0][4][0])"
+
+
+class NetnsEtc:
+    """``/etc/netns/<namespace>/``: the resolver files processes in that namespace see as /etc's."""
+
+    def __init__(self, host: Host, state: Path) -> None:
+        self.dir = Path("/etc/netns") / host.netns
+        self.dir.mkdir(parents=True)
+        self.resolv_conf = self.dir / "resolv.conf"
+        self.resolv_conf.write_text(BEFORE)
+        self.state = state
+        (self.dir / "resolvconf.conf").write_text(f"resolv_conf=/etc/resolv.conf\nstate_dir={state}\n")
+
+    def records(self) -> list[str]:
+        d = self.state / "interfaces"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        yield lab
+
+
+@dataclass
+class Setup:
+    lan: Lan
+    host: Host  # where `dataplane up` runs, with its own resolver files
+    files: NetnsEtc
+
+
+@pytest.fixture
+def setup(lab: Lab, tmp_path: Path) -> Iterator[Setup]:
+    lan = lab.lan("l", "10.68.0.0/24")
+    host = lab.host("tm", lan)
+    files = NetnsEtc(host, tmp_path / "resolvconf-state")
+    try:
+        yield Setup(lan, host, files)
+    finally:
+        files.remove()
+
+
+def test_dns_servers_and_search_domains_are_used_while_up(lab: Lab, setup: Setup, tmp_path: Path) -> None:
+    h_tm, files = setup.host, setup.files
+    h_wg = lab.host("wg", setup.lan)
+    tm = TmNode(h_tm, f"tmd{lab.id}", tmp_path, tmp_path / "run")
+    wgo = WgGoNode(h_wg, f"wgd{lab.id}", tmp_path)
+    wgo.up(f"{WG_IP}/24", [PeerSpec(tm.pub, f"{TM_IP}/32")])
+    queries = tmp_path / "dnsmasq.log"
+    dnsmasq = h_wg.spawn(
+        [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--no-resolv",
+            "--no-hosts", "--bind-interfaces", f"--listen-address={WG_IP}", "--log-queries",
+            f"--log-facility={queries}", f"--address=/printer.corp.test/{PRINTER}",
+        ],
+        name=f"dnsmasq-{time.monotonic_ns()}",
+    )  # fmt: skip
+    h_wg.wait_listening(53, proto="udp", timeout=10)
+
+    tm.up(
+        f"{TM_IP}/24",
+        [PeerSpec(wgo.pub, f"{WG_IP}/32", f"{h_wg.ip}:{WG_PORT}")],
+        interface=[f"DNS = {WG_IP}, corp.test", "DNS = corp.test"],  # repeated items count once
+    )
+    conf = files.resolv_conf.read_text()
+    assert f"nameserver {WG_IP}" in conf and "search corp.test" in conf
+    assert "127.0.0.1" not in conf  # exclusive (-x): only the tunnel's name server
+    assert files.records() == [resolvconf.record_name(tm.iface)]
+    # A short name: the search domain completes it, and the query goes through the tunnel.
+    got = h_tm.run([sys.executable, "-c", RESOLVE, "printer"], timeout=20).stdout.strip()
+    assert got == PRINTER
+    assert f"query[A] printer.corp.test from {TM_IP}" in queries.read_text()
+    assert tm.peer(wgo.pub)["rx_bytes"] > 0
+
+    tm.down()
+    assert tm.proc is not None and tm.proc.returncode == 0
+    assert files.resolv_conf.read_text() == BEFORE  # openresolv put back what was there
+    assert files.records() == []
+    assert "event=dns_unset" in tm.proc.log_text()
+    dnsmasq.stop()
+
+
+def _spawn_up(host: Host, tmp_path: Path, iface: str, fake_resolvconf: str | None) -> tuple[Path, Process]:
+    """`dataplane up` of a one-interface config with DNS; returns the PostUp log and the process. PATH has no
+    resolvconf (it is in /usr/sbin) but, if given, a shell script ``fake_resolvconf`` by that name."""
+    log = tmp_path / "postup.log"
+    key, _ = genkey()
+    conf = tmp_path / f"{iface}.conf"
+    conf.write_text(
+        wg_quick_text(key, "10.68.2.1/24", [], interface=["DNS = 10.68.2.53", f"PostUp = touch {log}"])
+    )
+    conf.chmod(0o600)
+    path = ["/usr/bin", "/bin"]
+    if fake_resolvconf is not None:
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "resolvconf").write_text(f"#!/bin/sh\n{fake_resolvconf}\n")
+        (fake / "resolvconf").chmod(0o755)
+        path.insert(0, str(fake))
+    proc = host.spawn(
+        [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
+        name=f"tm-{iface}-{time.monotonic_ns()}",
+        env={"TUNNELMESH_RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": str(ROOT), "PATH": ":".join(path)},
+    )
+    return log, proc
+
+
+def test_up_fails_without_resolvconf(setup: Setup, tmp_path: Path) -> None:
+    host, files = setup.host, setup.files
+    iface = f"tmn{os.getpid() % 10000}"
+    log, proc = _spawn_up(host, tmp_path, iface, None)
+    assert proc.wait(30) == 1
+    assert "the config sets DNS, which needs `resolvconf`" in proc.log_text()
+    assert host.run(["ip", "link", "show", iface], check=False).returncode != 0  # taken down again
+    assert not log.exists()  # PostUp never ran
+    assert files.resolv_conf.read_text() == BEFORE
+
+
+def test_a_failing_resolvconf_fails_up_and_is_reported(setup: Setup, tmp_path: Path) -> None:
+    host, files = setup.host, setup.files
+    iface = f"tmr{os.getpid() % 10000}"
+    log, proc = _spawn_up(
+        host, tmp_path, iface, "echo 'resolvconf: cannot write /etc/resolv.conf' >&2; exit 4"
+    )
+    assert proc.wait(30) == 1
+    assert "exited with status 4: resolvconf: cannot write /etc/resolv.conf" in proc.log_text()
+    assert host.run(["ip", "link", "show", iface], check=False).returncode != 0
+    assert not log.exists()
+    assert files.resolv_conf.read_text() == BEFORE
+
+
+def test_a_failing_dns_removal_is_reported_and_the_interface_still_goes(setup: Setup, tmp_path: Path) -> None:
+    host = setup.host
+    iface = f"tmu{os.getpid() % 10000}"
+    calls = tmp_path / "calls"
+    script = f'echo "$*" >> {calls}; [ "$1" = -a ] && exit 0; echo "no such record" >&2; exit 5'
+    log, proc = _spawn_up(host, tmp_path, iface, script)
+    proc.wait_for_log(r"interface \S+ up", timeout=20)
+    assert log.exists()  # PostUp ran after DNS was set
+    subprocess.run(
+        [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "down", iface],
+        env={"TUNNELMESH_RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": str(ROOT)},
+        check=True,
+        timeout=15,
+    )
+    assert proc.wait(15) == 1
+    assert (
+        "cannot remove DNS: " in proc.log_text() and "exited with status 5: no such record" in proc.log_text()
+    )
+    assert host.run(["ip", "link", "show", iface], check=False).returncode != 0
+    record = resolvconf.record_name(iface)
+    assert calls.read_text().splitlines() == [f"-a {record} -m 0 -x", f"-d {record} -f"]
