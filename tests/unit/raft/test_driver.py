@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -309,3 +310,49 @@ async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_
     finally:
         for d in drivers:
             d.storage.close()
+
+
+async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(cluster: list[Driver]) -> None:
+    """A follower's save is on every write's critical path: it runs on the event loop thread, unless the last
+    one took longer than INLINE_SAVE_LIMIT (a stalling disk must not stall the API); a leader's runs in a
+    worker thread, overlapping the followers' round trip."""
+    lead = await _leader(cluster)
+    follower = next(d for d in cluster if d is not lead)
+    loop_thread = threading.current_thread()
+    on_loop: dict[int, list[bool]] = {d.member_id: [] for d in cluster}
+    slow_next: set[int] = set()
+    for d in cluster:
+
+        def save(*args: Any, _d: Driver = d, _real: Any = d.storage.save, **kwargs: Any) -> None:
+            if len(args) > 1 and args[1]:  # a save with entries (not a commit-index-only write)
+                on_loop[_d.member_id].append(threading.current_thread() is loop_thread)
+                if _d.member_id in slow_next:
+                    slow_next.discard(_d.member_id)
+                    time.sleep(driver_mod.INLINE_SAVE_LIMIT * 2)
+            _real(*args, **kwargs)
+
+        d.storage.save = save  # type: ignore[method-assign]
+
+    async def write(key: bytes) -> None:
+        index, _ = await lead.propose(_put(key, b"v"), 5.0)
+        await follower.wait_applied(index, 5.0)
+        on_loop[follower.member_id].clear()
+
+    for i in range(3):
+        index, _ = await lead.propose(_put(b"a%d" % i, b"v"), 5.0)
+        for d in cluster:
+            await d.wait_applied(index, 5.0)
+    assert on_loop[lead.member_id] and not any(on_loop[lead.member_id])
+    for d in cluster:
+        if d is not lead:
+            assert on_loop[d.member_id] and all(on_loop[d.member_id]), on_loop
+    # One slow save: the next goes to a worker thread; it was fast, so the one after runs inline again.
+    slow_next.add(follower.member_id)
+    await write(b"slow")
+    index, _ = await lead.propose(_put(b"after-slow", b"v"), 5.0)
+    await follower.wait_applied(index, 5.0)
+    assert on_loop[follower.member_id] == [False]
+    on_loop[follower.member_id].clear()
+    index, _ = await lead.propose(_put(b"inline-again", b"v"), 5.0)
+    await follower.wait_applied(index, 5.0)
+    assert on_loop[follower.member_id] == [True]
