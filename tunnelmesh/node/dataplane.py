@@ -950,6 +950,10 @@ class DataPlane:
                 c = self._counters.get(peer_key)
                 if c is not None:  # counted when staged; a failed handshake shows up in the drop counters
                     c.tx_packets += len(packets)
+            else:
+                # Before the send: the reply can arrive, and the rx thread tell the timers, before this thread
+                # is back from sendmsg. "Sent" after "received" would arm a rehandshake nothing cancels.
+                peer.timers.on_transport_sent(now, True)
         if not fast:
             self._execute(actions)
             return
@@ -974,7 +978,6 @@ class DataPlane:
             c = self._counters.get(peer_key)
             if c is not None:
                 c.tx_packets += len(packets)
-            peer.timers.on_transport_sent(now, True)
             rekey = keypair.send_counter > REKEY_AFTER_MESSAGES or (
                 keypair.is_initiator and now - keypair.created > REKEY_AFTER_TIME
             )
