@@ -104,6 +104,8 @@ def test_peers_and_metrics(nodes: dict[str, Engine]) -> None:
     assert reg.get_sample_value("tunnelmesh_dataplane_peer_tx_packets_total", labels) == st["tx_packets"]
     assert reg.get_sample_value("tunnelmesh_dataplane_peer_rx_bytes_total", labels) == st["rx_bytes"]
     assert reg.get_sample_value("tunnelmesh_dataplane_peer_handshakes_total", labels) == 1
+    lost = reg.get_sample_value("tunnelmesh_dataplane_peer_rx_lost_packets_total", labels)
+    assert lost == st["rx_lost"] == 0
     drop = {"interface": a.plane.name, "reason": "replay"}
     assert reg.get_sample_value("tunnelmesh_dataplane_drops_total", drop) == 0
     # Another engine's registry has its own series only.

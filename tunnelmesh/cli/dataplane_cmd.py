@@ -215,6 +215,9 @@ def format_status(s: dict[str, Any], *, now: float | None = None) -> str:
             lines.append(f"  latest handshake: {_ago(now - p['latest_handshake'])}")
         if p.get("rx_bytes") or p.get("tx_bytes"):
             lines.append(f"  transfer: {_bytes(p['rx_bytes'])} received, {_bytes(p['tx_bytes'])} sent")
+        if lost := p.get("rx_lost"):
+            share = 100 * lost / (lost + (p.get("rx_packets") or 0))
+            lines.append(f"  receive loss: {lost} packet{'s' if lost != 1 else ''} ({share:.2g}%)")
         if p.get("persistent_keepalive"):
             lines.append(f"  persistent keepalive: every {_ago(p['persistent_keepalive'], suffix='')}")
     return "\n".join(lines)

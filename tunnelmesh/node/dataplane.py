@@ -211,6 +211,8 @@ class PeerStatus:
     handshakes: int
     persistent_keepalive: float
     has_preshared_key: bool
+    # Messages from the peer that never arrived intact: gaps in its counters (``Keypairs.rx_lost``).
+    rx_lost: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -222,6 +224,7 @@ class PeerStatus:
             "tx_bytes": self.tx_bytes,
             "rx_packets": self.rx_packets,
             "tx_packets": self.tx_packets,
+            "rx_lost": self.rx_lost,
             "handshakes": self.handshakes,
             "persistent_keepalive": self.persistent_keepalive,
             "preshared_key": self.has_preshared_key,
@@ -564,6 +567,7 @@ class DataPlane:
                         handshakes=c.handshakes,
                         persistent_keepalive=peer.persistent_keepalive,
                         has_preshared_key=peer.handshake.preshared_key != bytes(32),
+                        rx_lost=peer.keypairs.rx_lost(),
                     )
                 )
         return out
@@ -1291,6 +1295,11 @@ class _Collector(Collector):
         tx_p = CounterMetricFamily(
             "tunnelmesh_dataplane_peer_tx_packets", "IP packets sent to a peer", labels=labels
         )
+        lost = CounterMetricFamily(
+            "tunnelmesh_dataplane_peer_rx_lost_packets",
+            "Messages from a peer that never arrived intact (gaps in its counters; keepalives count)",
+            labels=labels,
+        )
         hs = CounterMetricFamily(
             "tunnelmesh_dataplane_peer_handshakes", "Completed handshakes with a peer", labels=labels
         )
@@ -1305,6 +1314,7 @@ class _Collector(Collector):
             tx_b.add_metric(lv, p.tx_bytes)
             rx_p.add_metric(lv, p.rx_packets)
             tx_p.add_metric(lv, p.tx_packets)
+            lost.add_metric(lv, p.rx_lost)
             hs.add_metric(lv, p.handshakes)
             last.add_metric(lv, p.latest_handshake or 0.0)
         drops = CounterMetricFamily(
@@ -1320,7 +1330,7 @@ class _Collector(Collector):
             labels=["interface"],
         )
         load.add_metric([iface], 1.0 if self.plane.device.under_load else 0.0)
-        yield from (rx_b, tx_b, rx_p, tx_p, hs, last, drops, load)
+        yield from (rx_b, tx_b, rx_p, tx_p, lost, hs, last, drops, load)
 
 
 _CLONE_NEWNET: Final = 0x40000000

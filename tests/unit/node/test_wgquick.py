@@ -292,3 +292,7 @@ def test_show_prints_like_wg_show() -> None:
     assert "preshared key: (hidden)" in text
     assert "fwmark" not in text  # like `wg show`: only when set
     assert "  fwmark: 0xca6c\n" in format_status({**status, "fwmark": 51820}, now=1000.0)
+    assert "loss" not in text  # only when something was lost
+    peers: list[dict[str, object]] = status["peers"]  # type: ignore[assignment]
+    lossy = {**peers[0], "rx_packets": 997, "rx_lost": 3}
+    assert "  receive loss: 3 packets (0.3%)" in format_status({**status, "peers": [lossy]}, now=1000.0)

@@ -73,3 +73,25 @@ def test_6_3_a_third_handshake_retires_the_oldest_keypair_and_frees_its_index() 
     assert [type(a) for a in net.log[id(net.b)][-1:]] == [Drop]
     assert not any(isinstance(a, DeliverPacket) and a.packet.endswith(b"first") for a in net.log[id(net.b)])
     assert len(net.b.index_table) == 2 and len(net.a.index_table) == 2  # previous + current on each side
+
+
+def test_messages_lost_in_transit_are_counted_across_rotations() -> None:
+    """Gaps in a peer's counters are its lost messages: counted live once they can no longer arrive, and all
+    of a keypair's gaps once it is retired; the per-peer count never goes down."""
+    net = Net()
+    net.handshake()
+    keypairs = net.b.peers[net.a.public_key].keypairs
+    for i in range(10):
+        net.send(net.a, ipv4_packet(A_TUNNEL, B_TUNNEL, b"m%d" % i))
+    held = net.hold()
+    net.in_flight = [m for i, m in enumerate(held) if i not in (3, 7)]  # two lost on the way
+    net.run()
+    assert len(net.delivered(net.b)) == 8
+    assert keypairs.rx_lost() == 0  # still inside the window: they might come late
+    seen = [keypairs.rx_lost()]
+    for _ in range(2):  # the first keypair goes previous, then is retired
+        net.now += 6.0
+        net.handshake()
+        seen.append(keypairs.rx_lost())
+    assert seen[-1] == 2 and seen == sorted(seen)
+    assert net.a.peers[net.b.public_key].keypairs.rx_lost() == 0  # a got all b sent (keepalives)

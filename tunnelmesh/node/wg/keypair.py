@@ -115,12 +115,25 @@ class Keypair:
 class Keypairs:
     """A peer's previous, current and next keypairs."""
 
-    __slots__ = ("current", "next", "previous")
+    __slots__ = ("_lost_reported", "current", "lost_retired", "next", "previous")
 
     def __init__(self) -> None:
         self.previous: Keypair | None = None
         self.current: Keypair | None = None
         self.next: Keypair | None = None
+        self.lost_retired = 0  # messages the dropped keypairs never received (ReplayFilter.lost_at_end)
+        self._lost_reported = 0
+
+    def rx_lost(self) -> int:
+        """Messages from the peer that never arrived intact, over every keypair so far. Monotonic: the live
+        keypairs' windows may be read while the receive thread moves them, so a dip is never reported."""
+        live = sum(k.replay.lost() for k in (self.previous, self.current, self.next) if k is not None)
+        self._lost_reported = max(self._lost_reported, self.lost_retired + live)
+        return self._lost_reported
+
+    def _retire(self, dropped: list[Keypair]) -> list[Keypair]:
+        self.lost_retired += sum(k.replay.lost_at_end() for k in dropped)
+        return dropped
 
     def install(self, keypair: Keypair) -> list[Keypair]:
         """Install a freshly derived keypair; returns the keypairs dropped (to free their indexes)."""
@@ -145,7 +158,7 @@ class Keypairs:
                 dropped.append(self.previous)
             self.next = keypair
             self.previous = None
-        return dropped
+        return self._retire(dropped)
 
     def received_with(self, keypair: Keypair) -> tuple[bool, Keypair | None]:
         """Note a transport message received under ``keypair``.
@@ -159,13 +172,15 @@ class Keypairs:
         self.previous = self.current
         self.current = keypair
         self.next = None
+        if dropped is not None:
+            self._retire([dropped])
         return True, dropped
 
     def clear(self) -> list[Keypair]:
         """Forget every keypair; returns them (to free their indexes)."""
         dropped = [k for k in (self.previous, self.current, self.next) if k is not None]
         self.previous = self.current = self.next = None
-        return dropped
+        return self._retire(dropped)
 
     def all(self) -> list[Keypair]:
         return [k for k in (self.previous, self.current, self.next) if k is not None]

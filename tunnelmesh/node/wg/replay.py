@@ -7,6 +7,11 @@ by the ring size however far the counter jumps. Same layout as wireguard-go ``re
 
 Call :meth:`ReplayFilter.validate_counter` only *after* the packet authenticated: an unauthenticated counter
 must never move the window.
+
+Loss: the sender numbers every message of a keypair 0, 1, 2, ... (keepalives too), so a counter that never
+validated is a message that did not arrive intact. :meth:`ReplayFilter.lost` counts those whose block has left
+the ring (they can no longer be accepted: final, so the count only grows); :meth:`ReplayFilter.lost_at_end`
+counts every gap below the highest counter, for a keypair that is being dropped.
 """
 
 from __future__ import annotations
@@ -24,15 +29,27 @@ _BIT_MASK: Final = BLOCK_BITS - 1
 class ReplayFilter:
     """Accepts each counter at most once, and none too far behind the newest."""
 
-    __slots__ = ("_last", "_ring")
+    __slots__ = ("_last", "_ring", "accepted")
 
     def __init__(self) -> None:
         self._last = 0
         self._ring = [0] * RING_BLOCKS
+        self.accepted = 0  # counters validated so far
 
     def reset(self) -> None:
         self._last = 0
         self._ring = [0] * RING_BLOCKS
+        self.accepted = 0
+
+    def lost(self) -> int:
+        """Counters that never validated and no longer can: those below the oldest block in the ring."""
+        gone = max(0, (self._last >> BLOCK_BIT_LOG) - (RING_BLOCKS - 1)) * BLOCK_BITS
+        in_ring = sum(block.bit_count() for block in self._ring)
+        return max(0, gone - (self.accepted - in_ring))
+
+    def lost_at_end(self) -> int:
+        """Every counter below the highest accepted one that never validated (none if nothing was)."""
+        return self._last + 1 - self.accepted if self.accepted else 0
 
     @property
     def last(self) -> int:
@@ -70,4 +87,5 @@ class ReplayFilter:
         if old & bit:
             return False
         ring[index_block] = old | bit
+        self.accepted += 1
         return True
