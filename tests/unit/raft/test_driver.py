@@ -312,7 +312,9 @@ async def test_snapshots_are_encoded_off_the_loop_and_hold_exactly_the_state_at_
             d.storage.close()
 
 
-async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(cluster: list[Driver]) -> None:
+async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(
+    cluster: list[Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A follower's save is on every write's critical path: it runs on the event loop thread, unless the last
     one took longer than INLINE_SAVE_LIMIT (a stalling disk must not stall the API); a leader's runs in a
     worker thread, overlapping the followers' round trip."""
@@ -320,11 +322,14 @@ async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(cluster
     follower = next(d for d in cluster if d is not lead)
     loop_thread = threading.current_thread()
     on_loop: dict[int, list[bool]] = {d.member_id: [] for d in cluster}
+    big_on_loop: list[bool] = []  # followers' saves of more than INLINE_SAVE_ENTRIES entries
     slow_next: set[int] = set()
     for d in cluster:
 
         def save(*args: Any, _d: Driver = d, _real: Any = d.storage.save, **kwargs: Any) -> None:
-            if len(args) > 1 and args[1]:  # a save with entries (not a commit-index-only write)
+            if len(args) > 1 and len(args[1]) > driver_mod.INLINE_SAVE_ENTRIES and _d is not lead:
+                big_on_loop.append(threading.current_thread() is loop_thread)
+            elif len(args) > 1 and args[1]:  # a save with entries (not a commit-index-only write)
                 on_loop[_d.member_id].append(threading.current_thread() is loop_thread)
                 if _d.member_id in slow_next:
                     slow_next.discard(_d.member_id)
@@ -356,3 +361,8 @@ async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(cluster
     index, _ = await lead.propose(_put(b"inline-again", b"v"), 5.0)
     await follower.wait_applied(index, 5.0)
     assert on_loop[follower.member_id] == [True]
+    # A burst: the leader batches the proposals that arrive during its save; big batches go to the thread
+    # (whatever the time a save takes: the time limit is out of the way here).
+    monkeypatch.setattr(driver_mod, "INLINE_SAVE_LIMIT", 60.0)
+    await asyncio.gather(*(lead.propose(_put(b"burst%d" % i, b"v"), 10.0) for i in range(400)))
+    assert big_on_loop and not any(big_on_loop)

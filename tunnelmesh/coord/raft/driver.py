@@ -44,7 +44,8 @@ path and its loop has nothing to step until the entries are durable, so it saves
 to a worker thread and back cost more than the write itself (measured on a 2-vCPU VM: a follower's save p50
 0.7-1.0 ms inline against 1.1-2.0 ms through a thread, and a sequential write ~1 ms faster). Once a save took
 longer than ``INLINE_SAVE_LIMIT``, the following ones go to the thread until one is fast again, so a stalling
-disk does not stall the coordinator's API with it. Snapshots from the leader are always saved in the thread.
+disk does not stall the coordinator's API with it. Big batches (a member catching up: more than
+``INLINE_SAVE_ENTRIES``) and snapshots from the leader are always saved in the thread.
 
 A leader's Ready with nothing to persist (commit index moves, heartbeats) is applied before its messages are
 sent, so the writers waiting on those entries are answered first; and appends that carry no entries to a
@@ -118,6 +119,8 @@ that follower's notice as soon as the write has applied, see ``release_commit_no
 INLINE_SAVE_LIMIT = 0.005
 """Seconds a follower's save may take and the next one still run on the event loop thread (see "Where the save
 runs" above)."""
+INLINE_SAVE_ENTRIES = 64
+"""A follower's save of more entries than this runs in a worker thread (catching up: big writes)."""
 
 _SNAP_MAGIC = b"TMS1"
 _U32 = struct.Struct(">I")
@@ -436,7 +439,7 @@ class Driver:
         # worker thread, a follower's on this thread (see "Where the save runs"). A Ready that only moves the
         # commit index is written without fsync (a lost commit index is relearned from the leader), inline.
         if durable:
-            if leader or rd.snapshot is not None or self._slow_saves:
+            if leader or rd.snapshot is not None or self._slow_saves or len(rd.entries) > INLINE_SAVE_ENTRIES:
                 took = await asyncio.to_thread(self._save, rd)
             else:
                 took = self._save(rd)
