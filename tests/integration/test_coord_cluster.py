@@ -26,6 +26,10 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
+SCRAPE = (
+    "import sys, urllib.request as u\n"
+    "for host in sys.argv[1:]: print(u.urlopen(f'http://{host}:8080/metrics', timeout=10).read().decode())"
+)
 FAILOVER_BUDGET = 2.0  # seconds from kill -9 of the leader to a new leader, at default timers (100 ms ticks)
 
 
@@ -58,6 +62,14 @@ def test_cluster_forms_and_writes_through_any_member_land_everywhere(cl: CoordLa
     got = cl.ops(cl.coords, [op for per in gets for op in per])
     values = [g.get("value") for g in got]
     assert values == ["v0", "v1", "v2", "v0"] * 3, got
+    # Every coordinator's /metrics: one leader, every member knows it, the disk latency histogram is fed.
+    text = cl.client.run([sys.executable, "-c", SCRAPE, *(c.host.ip for c in cl.coords)], timeout=60).stdout
+    lines = text.splitlines()
+    assert sum(line.startswith("tunnelmesh_raft_is_leader{") and line.endswith(" 1.0") for line in lines) == 1
+    has_leader = [line for line in lines if line.startswith("tunnelmesh_raft_has_leader{")]
+    assert len(has_leader) == 3 and all(line.endswith(" 1.0") for line in has_leader), has_leader
+    saves = [line for line in lines if line.startswith("tunnelmesh_raft_storage_save_seconds_count ")]
+    assert len(saves) == 3 and all(float(line.split()[-1]) > 0 for line in saves), saves
 
 
 def test_kill_leader_new_leader_within_2s_and_no_acknowledged_write_lost(

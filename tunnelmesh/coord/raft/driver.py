@@ -80,8 +80,13 @@ import logging
 import random
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
 
 from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2
@@ -121,6 +126,70 @@ INLINE_SAVE_LIMIT = 0.005
 runs" above)."""
 INLINE_SAVE_ENTRIES = 64
 """A follower's save of more entries than this runs in a worker thread (catching up: big writes)."""
+
+SAVE_SECONDS = Histogram(
+    "tunnelmesh_raft_storage_save_seconds",
+    "Time to make one Raft batch durable (entries and hard state, one fsynced SQLite transaction): every "
+    "write waits for one on the leader and one on a follower, so a slow disk shows up here first.",
+    buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 4.0),
+)
+LEADER_CHANGES = Counter(
+    "tunnelmesh_raft_leader_changes",
+    "Times this coordinator saw the leader change, to another member or to none (elections).",
+)
+PROPOSALS = Counter(
+    "tunnelmesh_raft_proposals",
+    "Entries this coordinator proposed as leader, by outcome: committed (applied), dropped (lost in a leader "
+    "change: the caller retries), timeout (not applied in time: outcome unknown), failed (shutdown).",
+    ["outcome"],
+)
+_DRIVERS: weakref.WeakSet[Driver] = weakref.WeakSet()
+
+
+class _Collector(Collector):
+    """Each running driver's Raft state, read at scrape time (``member`` = the member id, as in the logs)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"tunnelmesh_raft_{name}", doc, labels=["member", *extra])
+
+        is_leader = gauge("is_leader", "1 on the leader")
+        has_leader = gauge("has_leader", "1 while this member knows a leader (0: an election is running)")
+        term = gauge("term", "Current Raft term")
+        commit = gauge("commit_index", "Highest log index known committed")
+        applied = gauge("applied_index", "Highest log index applied to the mesh state")
+        snapshot = gauge("snapshot_index", "Index of the latest snapshot")
+        pending = gauge("proposals_pending", "Proposals waiting to be applied")
+        lag = gauge(
+            "peer_lag_entries", "Leader's view: entries a member is behind the leader's log", ("peer",)
+        )
+        contact = gauge(
+            "peer_last_contact_seconds", "Seconds since a message from a member arrived", ("peer",)
+        )
+        for d in list(_DRIVERS):
+            me = member_label(d.member_id)
+            r = d.node.raft
+            is_leader.add_metric([me], float(r.state == StateType.LEADER))
+            has_leader.add_metric([me], float(r.lead != 0))
+            term.add_metric([me], r.term)
+            commit.add_metric([me], r.raft_log.committed)
+            applied.add_metric([me], d.applied)
+            snapshot.add_metric([me], d.snapshot_index)
+            pending.add_metric([me], len(d._proposals))
+            now = time.monotonic()
+            last = r.raft_log.last_index()
+            for mid, pr in list(r.prs.progress.items()):
+                if mid == d.member_id:
+                    continue
+                if r.state == StateType.LEADER:
+                    lag.add_metric([me, member_label(mid)], max(0, last - pr.match))
+                seen = d._last_contact.get(mid)
+                if seen is not None:
+                    contact.add_metric([me, member_label(mid)], now - seen)
+        yield from (is_leader, has_leader, term, commit, applied, snapshot, pending, lag, contact)
+
+
+REGISTRY.register(_Collector())
 
 _SNAP_MAGIC = b"TMS1"
 _U32 = struct.Struct(">I")
@@ -335,12 +404,14 @@ class Driver:
 
     async def run(self) -> None:
         """Run until cancelled: the Ready loop, the ticker and the transport, all owned by one TaskGroup."""
+        _DRIVERS.add(self)  # its metrics are exported while it runs
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.transport.run(), name="raft-transport")
                 tg.create_task(self._ticker(), name="raft-ticker")
                 tg.create_task(self._loop(), name="raft-loop")
         finally:
+            _DRIVERS.discard(self)
             self._stopping = True
             if self._snapshot_task is not None:
                 self._snapshot_task.cancel()  # the encoding thread finishes on its own; nothing is recorded
@@ -479,7 +550,10 @@ class Driver:
         """Persist ``rd``'s snapshot, entries and hard state; returns the seconds it took."""
         t0 = time.perf_counter()
         self.storage.save(rd.hard_state, rd.entries, rd.snapshot, sync=rd.must_sync)
-        return time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        if rd.must_sync or rd.snapshot is not None:
+            SAVE_SECONDS.observe(took)
+        return took
 
     def _send(self, msgs: Sequence[Message]) -> None:
         """Hand messages to the transport, holding back a leader's commit notices (``COMMIT_NOTICE_DELAY``):
@@ -543,6 +617,7 @@ class Driver:
                 log.info("event=leader_lost term=%d self=%x", term, self.member_id)
             # Reads waiting on an old leader's answer will never get one.
             self._fail_reads(NotLeader(lead, self.member_id))
+            LEADER_CHANGES.inc()
         if role != self._role:
             log.info("event=raft_role_changed role=%s term=%d", role.name, self.node.raft.term)
         self._lead, self._role = lead, role
@@ -661,9 +736,18 @@ class Driver:
         self._wake.set()
         try:
             async with asyncio.timeout(timeout):
-                return await fut
+                result = await fut
+            PROPOSALS.labels("committed").inc()
+            return result
         except TimeoutError:
+            PROPOSALS.labels("timeout").inc()
             raise DeadlineExceeded(f"entry {index} was not applied within {timeout:.1f}s") from None
+        except ProposalDropped:
+            PROPOSALS.labels("dropped").inc()
+            raise
+        except RaftError:
+            PROPOSALS.labels("failed").inc()
+            raise
         finally:
             if self._proposals.get(index, (0, None))[1] is fut:
                 del self._proposals[index]
