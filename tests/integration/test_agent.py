@@ -290,11 +290,12 @@ def test_agents_build_the_mesh_follow_changes_and_survive_the_coordinator(world:
     print(text)
     wait_until(lambda: a.resolve("c") == ip["c"], 10, "a's mesh DNS to answer for c")
     assert a.resolve("b") == ip["b"] and a.resolve("nobody") == ""
-    assert "coordinator: " + coords in text and "direct" in text, text
+    assert "coordinator: " + coords in text and "direct" in text and "RX LOSS" in text, text
     cli = a.status_cli()
     rows = {p["name"]: p for p in cli["peers"]}
     assert set(rows) == {"b", "c"} and rows["b"]["mesh_ips"] == [ip["b"]], cli
     assert rows["b"]["path_type"] == "direct" and rows["b"]["latest_handshake"], rows["b"]
+    assert rows["b"]["rx_lost"] == 0, rows["b"]  # a clean LAN
 
     # Removing c (admin API) removes it from every peer list; c's agent stops and says why.
     world.admin("nodes", "remove", "c")

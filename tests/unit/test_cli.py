@@ -94,3 +94,25 @@ def test_node_keygen_writes_a_private_key_that_wg_agrees_with(tmp_path: Path) ->
     assert wg.stdout.strip() == result.stdout.strip()
     again = tunnelmesh("node", "keygen", "--key-file", str(key))
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_status_table_shows_each_peers_receive_loss() -> None:
+    """`tunnelmesh status`: RX LOSS is the share of a peer's messages that never arrived (the data plane's
+    rx_lost against what did), "-" before anything was received."""
+    from tunnelmesh.cli.status_cmd import format_agent_status
+
+    def peer(name: str, received: int, lost: int) -> dict[str, object]:
+        return {"public_key": name.upper() + "=", "name": name, "rx_packets": received, "rx_lost": lost}
+
+    status = {
+        "interface": "tm0",
+        "public_key": "PUB=",
+        "listen_port": 51820,
+        "agent": {"name": "a", "node_id": "n1", "mesh_addresses": ["100.64.0.1"]},
+        "peers": [peer("b", 970, 30), peer("c", 5000, 0), peer("d", 0, 0)],
+    }
+    lines = format_agent_status(status, now=1000.0).splitlines()
+    header = next(line for line in lines if "PEER" in line)
+    assert header.split()[-2:] == ["RX", "LOSS"]
+    rows = {line.split()[0]: line.split()[-1] for line in lines[lines.index(header) + 1 :]}
+    assert rows == {"b": "3%", "c": "0%", "d": "-"}

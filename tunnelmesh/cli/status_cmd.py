@@ -52,6 +52,13 @@ def status(interface: str | None, as_json: bool) -> None:
     click.echo("\n\n".join(format_agent_status(s) for s in statuses))
 
 
+def _loss(lost: int, received: int) -> str:
+    """Messages from the peer lost on the way, as a share of those sent (the data plane's ``rx_lost``)."""
+    if not lost + received:
+        return "-"
+    return f"{100 * lost / (lost + received):.2g}%"
+
+
 def format_agent_status(s: dict[str, Any], *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     a = s["agent"]
@@ -82,7 +89,7 @@ def format_agent_status(s: dict[str, Any], *, now: float | None = None) -> str:
     if not peers:
         lines.append("  peers: none")
         return "\n".join(lines)
-    header = ("PEER", "MESH IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX")
+    header = ("PEER", "MESH IP", "PATH", "ENDPOINT", "RTT", "HANDSHAKE", "RX", "TX", "RX LOSS")
     rows = [header]
     for p in sorted(peers, key=lambda p: p.get("name") or p["public_key"]):
         rtt = p.get("rtt_ms")
@@ -97,6 +104,7 @@ def format_agent_status(s: dict[str, Any], *, now: float | None = None) -> str:
                 _ago(now - hs) if hs else "never",
                 _bytes(p.get("rx_bytes", 0)),
                 _bytes(p.get("tx_bytes", 0)),
+                _loss(p.get("rx_lost", 0), p.get("rx_packets", 0)),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
