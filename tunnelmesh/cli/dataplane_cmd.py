@@ -216,11 +216,19 @@ def format_status(s: dict[str, Any], *, now: float | None = None) -> str:
         if p.get("rx_bytes") or p.get("tx_bytes"):
             lines.append(f"  transfer: {_bytes(p['rx_bytes'])} received, {_bytes(p['tx_bytes'])} sent")
         if lost := p.get("rx_lost"):
-            share = 100 * lost / (lost + (p.get("rx_packets") or 0))
-            lines.append(f"  receive loss: {lost} packet{'s' if lost != 1 else ''} ({share:.2g}%)")
+            share = loss_share(lost, p.get("rx_packets") or 0)
+            lines.append(f"  receive loss: {lost} packet{'s' if lost != 1 else ''} ({share})")
         if p.get("persistent_keepalive"):
             lines.append(f"  persistent keepalive: every {_ago(p['persistent_keepalive'], suffix='')}")
     return "\n".join(lines)
+
+
+def loss_share(lost: int, received: int) -> str:
+    """Packets from a peer lost on the way (the data plane's ``rx_lost``) as a share of all it sent; "-"
+    before anything arrived."""
+    if not lost + received:
+        return "-"
+    return f"{100 * lost / (lost + received):.2g}%"
 
 
 def _yn(v: object) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tunnelmesh.cli.dataplane_cmd import _ago, _bytes
+from tunnelmesh.cli.dataplane_cmd import _ago, _bytes, loss_share
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node import control
 
@@ -50,13 +50,6 @@ def status(interface: str | None, as_json: bool) -> None:
         click.echo(json.dumps(statuses[0] if interface or len(statuses) == 1 else statuses, indent=2))
         return
     click.echo("\n\n".join(format_agent_status(s) for s in statuses))
-
-
-def _loss(lost: int, received: int) -> str:
-    """Messages from the peer lost on the way, as a share of those sent (the data plane's ``rx_lost``)."""
-    if not lost + received:
-        return "-"
-    return f"{100 * lost / (lost + received):.2g}%"
 
 
 def format_agent_status(s: dict[str, Any], *, now: float | None = None) -> str:
@@ -104,7 +97,7 @@ def format_agent_status(s: dict[str, Any], *, now: float | None = None) -> str:
                 _ago(now - hs) if hs else "never",
                 _bytes(p.get("rx_bytes", 0)),
                 _bytes(p.get("tx_bytes", 0)),
-                _loss(p.get("rx_lost", 0), p.get("rx_packets", 0)),
+                loss_share(p.get("rx_lost", 0), p.get("rx_packets", 0)),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -167,25 +167,24 @@ class _Collector(Collector):
             "peer_last_contact_seconds", "Seconds since a message from a member arrived", ("peer",)
         )
         for d in list(_DRIVERS):
-            me = member_label(d.member_id)
-            r = d.node.raft
-            is_leader.add_metric([me], float(r.state == StateType.LEADER))
-            has_leader.add_metric([me], float(r.lead != 0))
-            term.add_metric([me], r.term)
-            commit.add_metric([me], r.raft_log.committed)
-            applied.add_metric([me], d.applied)
-            snapshot.add_metric([me], d.snapshot_index)
+            st = d.status()
+            me = member_label(st.member_id)
+            leads = st.role == StateType.LEADER
+            is_leader.add_metric([me], float(leads))
+            has_leader.add_metric([me], float(st.leader_id != 0))
+            term.add_metric([me], st.term)
+            commit.add_metric([me], st.commit)
+            applied.add_metric([me], st.applied)
+            snapshot.add_metric([me], st.snapshot_index)
             pending.add_metric([me], len(d._proposals))
-            now = time.monotonic()
-            last = r.raft_log.last_index()
-            for mid, pr in list(r.prs.progress.items()):
-                if mid == d.member_id:
+            last = d.node.raft.raft_log.last_index()
+            for mid, peer in st.peers.items():
+                if mid == st.member_id:
                     continue
-                if r.state == StateType.LEADER:
-                    lag.add_metric([me, member_label(mid)], max(0, last - pr.match))
-                seen = d._last_contact.get(mid)
-                if seen is not None:
-                    contact.add_metric([me, member_label(mid)], now - seen)
+                if leads:
+                    lag.add_metric([me, member_label(mid)], max(0, last - peer.match))
+                if peer.last_contact_age is not None:
+                    contact.add_metric([me, member_label(mid)], peer.last_contact_age)
         yield from (is_leader, has_leader, term, commit, applied, snapshot, pending, lag, contact)
 
 

@@ -29,18 +29,16 @@ _BIT_MASK: Final = BLOCK_BITS - 1
 class ReplayFilter:
     """Accepts each counter at most once, and none too far behind the newest."""
 
-    __slots__ = ("_evicted", "_last", "_ring", "accepted")
+    __slots__ = ("_evicted", "_last", "_ring")
 
     def __init__(self) -> None:
         self._last = 0
         self._ring = [0] * RING_BLOCKS
-        self.accepted = 0  # counters validated so far
-        self._evicted = 0  # of those, the ones whose block has left the ring
+        self._evicted = 0  # validated counters whose block has left the ring (the rest are its set bits)
 
     def reset(self) -> None:
         self._last = 0
         self._ring = [0] * RING_BLOCKS
-        self.accepted = 0
         self._evicted = 0
 
     def lost(self) -> int:
@@ -50,8 +48,10 @@ class ReplayFilter:
         return max(0, gone - self._evicted)
 
     def lost_at_end(self) -> int:
-        """Every counter below the highest accepted one that never validated (none if nothing was)."""
-        return self._last + 1 - self.accepted if self.accepted else 0
+        """Every counter below the highest accepted one that never validated (none if nothing was). Counts the
+        ring's bits: for a keypair being dropped, not for every read."""
+        accepted = self._evicted + sum(block.bit_count() for block in self._ring)
+        return self._last + 1 - accepted if accepted else 0
 
     @property
     def last(self) -> int:
@@ -90,5 +90,4 @@ class ReplayFilter:
         if old & bit:
             return False
         ring[index_block] = old | bit
-        self.accepted += 1
         return True
