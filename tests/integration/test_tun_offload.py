@@ -491,7 +491,8 @@ def test_tun_introspection_and_errors(namespaces: tuple[str, str]) -> None:
 def test_hold_wakeups_masks_a_waiting_reader_until_released(namespaces: tuple[str, str]) -> None:
     """The data plane's rx thread masks the TUN device while it writes and reads the kernel's answer itself:
     a thread waiting in ``wait_readable`` must not wake for a packet that arrives meanwhile, and must wake
-    (nothing lost) as soon as the mask is released."""
+    (nothing lost) as soon as the mask is released. ``pending`` (how that thread asks whether the kernel
+    answered) sees the packet through the mask."""
     ns_a, _ = namespaces
 
     def setup() -> tuple[TunDevice, socket.socket]:
@@ -509,16 +510,19 @@ def test_hold_wakeups_masks_a_waiting_reader_until_released(namespaces: tuple[st
         while tun.read() is not None:  # anything the link sent while coming up
             pass
         assert not tun.wait_readable(0)
+        assert not tun.pending()
         tun.hold_wakeups(True)
         waiter.start()
         sock.sendto(b"masked", ("10.79.0.2", 9))  # routed into the TUN device: now pending there
         assert not tun.wait_readable(0.05), "readability must be masked while held"
+        assert tun.pending(), "pending must see through the mask"
         assert not woke.wait(0.3), "the waiting thread woke while the mask was held"
         tun.hold_wakeups(False)
         assert woke.wait(5), "releasing the mask must wake the waiting thread"
         assert tun.wait_readable(0)
         got = tun.read()
         assert got is not None and got[1].tobytes().endswith(b"masked")
+        assert not tun.pending()
     finally:
         tun.hold_wakeups(False)
         if waiter.is_alive():

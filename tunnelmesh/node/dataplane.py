@@ -848,13 +848,16 @@ class DataPlane:
             if woke:
                 tun.wait_readable(IDLE_WAIT)
 
-    def _tx_batch(self, first_alone: bool = False) -> bool:
+    def _tx_batch(self, first_alone: bool = False, probe: bool = False) -> bool:
         """Read one batch from the TUN device, encrypt and send it. Caller holds ``_tx_lock`` (whoever holds
         it owns the read buffers and the order of sends). Returns False if nothing was pending.
 
         ``first_alone`` (the caller just woke up, or just wrote what the kernel may answer at once): send the
         first packet as soon as it is read, then batch the rest. A lone packet (ping, a request, an ACK)
-        then leaves before the read that finds the device empty. Sets ``_tx_drained`` if it did."""
+        then leaves before the device is found empty. ``probe``: nothing may be pending (the caller wrote
+        to the device rather than woke for it). Where a read would likely find nothing (then, and after a
+        lone packet), ``TunDevice.pending`` asks first: a read that finds nothing raises, and on a cold
+        CPU that costs several times the syscall. Sets ``_tx_drained`` if it found the device empty."""
         tun, udp = self.tun, self.udp
         assert tun is not None and udp is not None
         pool, views = self._tx_pool, self._tx_views
@@ -869,6 +872,11 @@ class DataPlane:
         sent = False
         self._tx_drained = False
         for buf, view in zip(pool, views, strict=True):
+            if probe:
+                if not tun.pending():
+                    self._tx_drained = True
+                    break
+                probe = False
             n = tun.read_into(buf)
             if not n:
                 self._tx_drained = True
@@ -913,7 +921,7 @@ class DataPlane:
                 break
             if first_alone:
                 first_alone = False
-                sent = True
+                probe = sent = True
                 now = time.monotonic()
                 for (peer_key, seeded), packets in groups.items():
                     self._send_packets(now, peer_key, packets, udp, seeded)
@@ -1012,7 +1020,7 @@ class DataPlane:
             # Right after a wait, take one receive and handle it before asking for more: a lone datagram
             # (ping, a request) is delivered one syscall and one exception sooner.
             batch = udp.recv_batch(1 if woke else 0)
-            woke = False
+            lone, woke = woke, False
             if not batch:
                 udp.wait_readable(IDLE_WAIT)
                 woke = True
@@ -1142,7 +1150,7 @@ class DataPlane:
                         self._settle(now, settled)
                         settled = []
                     if own_tx:
-                        self._tx_batch(first_alone=True)
+                        self._tx_batch(first_alone=True, probe=True)
                 finally:
                     if own_tx:
                         try:
@@ -1151,7 +1159,9 @@ class DataPlane:
                             tx_lock.release()
             if settled:  # nothing delivered (keepalives, drops)
                 self._settle(now, settled)
-            if udp.drained:  # found empty: wait right away rather than ask again
+            # Found empty, or most likely empty after a lone datagram (asking costs less than a receive that
+            # finds nothing): wait right away.
+            if udp.drained or (lone and not udp.pending()):
                 udp.wait_readable(IDLE_WAIT)
                 woke = True
 

@@ -89,6 +89,9 @@ class TunDevice:
         self._epoll = select.epoll(1, select.EPOLL_CLOEXEC)
         self._epoll.register(fd, select.EPOLLIN)
         self._held = False
+        # Never masked: ``pending`` must see packets while ``hold_wakeups`` hides them from waiters.
+        self._probe = select.poll()
+        self._probe.register(fd, select.POLLIN)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -145,6 +148,7 @@ class TunDevice:
     def close(self) -> None:
         if self._fd >= 0:
             self._epoll.close()
+            self._probe.unregister(self._fd)
             os.close(self._fd)
             log.info("event=tun_closed name=%s", self._name)
             self._fd = -1
@@ -290,6 +294,11 @@ class TunDevice:
         if held != self._held and self._fd >= 0:
             self._epoll.modify(self._fd, 0 if held else select.EPOLLIN)
             self._held = held
+
+    def pending(self) -> bool:
+        """Whether a packet can be read now (even while ``hold_wakeups`` is in effect). Cheaper than a read
+        that finds nothing: that one raises, and building the exception costs more than this syscall."""
+        return bool(self._probe.poll(0))
 
     def read_into(self, buf: bytearray | memoryview) -> int:
         """Read one (super-)packet into ``buf`` (virtio_net_hdr first if ``vnet_hdr``). Returns its length, or

@@ -277,6 +277,10 @@ class UdpSocket:
         except InterruptedError:
             return False
 
+    def pending(self) -> bool:
+        """Whether a datagram can be received now, without the exception of a receive that finds none."""
+        return bool(self._poll.poll(0))
+
     def recv_batch(self, max_calls: int = 0) -> list[tuple[Endpoint, list[memoryview]]]:
         """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls (or ``max_calls``), without
         blocking.

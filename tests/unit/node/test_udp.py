@@ -156,8 +156,10 @@ def _wait_batch_of(sock: UdpSocket, count: int) -> list[tuple[Endpoint, list[mem
 
 def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> None:
     """``max_calls=1`` takes one receive and leaves the rest queued (not drained); a full batch that hits
-    EAGAIN says ``drained``, so the data plane can wait instead of asking again."""
+    EAGAIN says ``drained``, so the data plane can wait instead of asking again. ``pending`` answers the
+    same question without a receive."""
     tx, rx = pair
+    assert not rx.pending()
     sizes = (100, 200, 300)  # different sizes: GRO cannot merge them, one recvmsg each
     for n in sizes:
         tx.send(bytes([n % 251]) * n, rx.local_address)
@@ -167,10 +169,10 @@ def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> 
     time.sleep(0.05)  # loopback delivers synchronously; this only absorbs scheduling on a loaded host
     first = rx.recv_batch(max_calls=1)
     assert [len(d) for _a, ds in first for d in ds] == [100]
-    assert not rx.drained
+    assert not rx.drained and rx.pending()
     rest = rx.recv_batch()
     assert [len(d) for _a, ds in rest for d in ds] == [200, 300]
-    assert rx.drained
+    assert rx.drained and not rx.pending()
     assert rx.recv_batch() == [] and rx.drained
 
 
