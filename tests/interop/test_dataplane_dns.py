@@ -207,3 +207,70 @@ def test_a_failing_dns_removal_is_reported_and_the_interface_still_goes(setup: S
     assert host.run(["ip", "link", "show", iface], check=False).returncode != 0
     record = resolvconf.record_name(iface)
     assert calls.read_text().splitlines() == [f"-a {record} -m 0 -x", f"-d {record} -f"]
+    # The record may still be set: the marker stays, and `down` (no process left) tries again.
+    assert (tmp_path / "run" / f"{iface}.dns").exists()
+    retry = subprocess.run(
+        [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "down", iface],
+        env={
+            "TUNNELMESH_RUN_DIR": str(tmp_path / "run"),
+            "PYTHONPATH": str(ROOT),
+            "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert retry.returncode != 0 and "exited with status 5: no such record" in retry.stderr
+    assert calls.read_text().splitlines()[2:] == [f"-d {record} -f"]
+
+
+def test_a_killed_up_leaves_its_dns_record_to_down_or_the_next_up(setup: Setup, tmp_path: Path) -> None:
+    """`kill -9` of `up` leaves the record (nothing runs on the way down): the host keeps asking the dead
+    tunnel's name server. `down IFACE` finds no process and takes the record back; so does the next `up` of
+    the interface, even one without DNS."""
+    host, files = setup.host, setup.files
+    iface = f"tmk{os.getpid() % 10000}"
+    run = tmp_path / "run"
+    env = {"TUNNELMESH_RUN_DIR": str(run), "PYTHONPATH": str(ROOT), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    marker, record = run / f"{iface}.dns", resolvconf.record_name(iface)
+    key, _ = genkey()
+    with_dns, without_dns = tmp_path / "dns.conf", tmp_path / "plain.conf"
+    with_dns.write_text(wg_quick_text(key, "10.68.2.1/24", [], interface=["DNS = 10.68.2.53"]))
+    without_dns.write_text(wg_quick_text(key, "10.68.2.1/24", []))
+    for conf in (with_dns, without_dns):
+        conf.chmod(0o600)
+
+    def up(conf: Path) -> Process:
+        argv = [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)]
+        proc = host.spawn([*argv, "--interface", iface], name=f"tm-{iface}-{time.monotonic_ns()}", env=env)
+        proc.wait_for_log(r"interface \S+ up", timeout=20)
+        return proc
+
+    def down() -> subprocess.CompletedProcess[str]:  # in the namespace: resolvconf works on its files
+        argv = [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "down", iface]
+        return host.run(argv, env=env, check=False, timeout=30)
+
+    def killed_with_its_record_left() -> None:
+        proc = up(with_dns)
+        assert marker.exists()
+        proc.kill()
+        assert "nameserver 10.68.2.53" in files.resolv_conf.read_text()
+        assert files.records() == [record]
+
+    def record_gone() -> None:
+        assert files.resolv_conf.read_text() == BEFORE
+        assert files.records() == [] and not marker.exists()
+
+    killed_with_its_record_left()
+    out = down()
+    assert out.returncode == 0, out.stderr
+    assert "was not running (its `up` process died); removed its DNS record" in out.stdout
+    record_gone()
+    again = down()  # nothing left to clean: the usual answer
+    assert again.returncode != 0 and "is not running" in again.stderr
+
+    killed_with_its_record_left()
+    plain = up(without_dns)
+    assert "event=dns_stale_record_removed" in plain.log_text()
+    record_gone()
+    plain.stop()

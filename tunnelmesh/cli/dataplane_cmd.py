@@ -11,6 +11,10 @@ DNS record is removed, ``PostDown``. Hooks run as with wg-quick (``bash -c``, ``
 each with a deadline (``HOOK_TIMEOUT``): a failing ``PreUp``, ``DNS`` or ``PostUp`` stops `up` (whatever was
 made is undone); a failing ``PreDown``/``PostDown`` or DNS removal is reported and the interface still goes
 down.
+
+A record left by an `up` that died (``kill -9``) or whose removal failed would keep the host asking the
+tunnel's name servers; a marker in the run dir (``control.dns_marker_path``) remembers it until it is
+removed, by `down IFACE` (when no process answers) or by the next `up` of that interface.
 """
 
 from __future__ import annotations
@@ -88,13 +92,23 @@ def up(
     _run_hooks("PreUp", hooks.pre_up, interface.name)
     stopping = threading.Event()
     server = control.ControlServer(interface.name, plane.status, stopping.set)
-    server.start()
+    server.start()  # refuses if another `up` serves this interface: a DNS marker now is a dead one's
     is_up = dns_set = False
     down_failures: list[str] = []
     try:
+        try:
+            _remove_stale_dns(interface.name)
+        except TunnelMeshError as exc:  # the tunnel itself does not depend on it: warn, keep the marker
+            log.warning("event=dns_stale_record_kept iface=%s reason=%r", interface.name, str(exc))
         plane.start()
         if cfg.dns:
-            resolvconf.set_dns(interface.name, cfg.dns.servers, cfg.dns.search)
+            marker = control.dns_marker_path(interface.name)
+            marker.write_text(resolvconf.record_name(interface.name) + "\n")  # before: a crash may follow
+            try:
+                resolvconf.set_dns(interface.name, cfg.dns.servers, cfg.dns.search)
+            except BaseException:
+                marker.unlink(missing_ok=True)  # resolvconf changed nothing
+                raise
             dns_set = True
         _run_hooks("PostUp", hooks.post_up, interface.name)
         is_up = True
@@ -126,13 +140,29 @@ def up(
         if is_up:  # as wg-quick: the down hooks belong to an interface that came up
             down_failures += _run_hooks("PreDown", hooks.pre_down, interface.name, check=False)
         plane.stop()
-        if dns_set and (failure := resolvconf.unset_dns(interface.name)):
-            down_failures.append(failure)
+        if dns_set:
+            if failure := resolvconf.unset_dns(interface.name):
+                down_failures.append(failure)  # the marker stays: `down IFACE` retries
+            else:
+                control.dns_marker_path(interface.name).unlink(missing_ok=True)
         if is_up:
             down_failures += _run_hooks("PostDown", hooks.post_down, interface.name, check=False)
     click.echo(f"interface {interface.name} down")
     if down_failures:
         raise TunnelMeshError("; ".join(down_failures))
+
+
+def _remove_stale_dns(iface: str) -> bool:
+    """Take back the DNS record an earlier `up` of ``iface`` left set (it died, or its removal failed).
+    Returns whether there was one; raises TunnelMeshError if resolvconf fails (the marker stays)."""
+    marker = control.dns_marker_path(iface)
+    if not marker.exists():
+        return False
+    if failure := resolvconf.unset_dns(iface):
+        raise TunnelMeshError(f"a DNS record left by an earlier `up` of {iface}: {failure}")
+    marker.unlink(missing_ok=True)
+    log.warning("event=dns_stale_record_removed iface=%s", iface)
+    return True
 
 
 def _run_hooks(stage: str, commands: Sequence[str], iface: str, *, check: bool = True) -> list[str]:
@@ -177,7 +207,12 @@ def show(iface: str | None, as_json: bool) -> None:
 @dataplane.command()
 @click.argument("iface")
 def down(iface: str) -> None:
-    """Stop a running `dataplane up` for IFACE."""
+    """Stop a running `dataplane up` for IFACE (or, if its process died, remove the DNS record it left)."""
+    if not control.is_running(iface):
+        control.socket_path(iface).unlink(missing_ok=True)  # stale: its process died
+        if _remove_stale_dns(iface):
+            click.echo(f"interface {iface} was not running (its `up` process died); removed its DNS record")
+            return
     control.request(iface, "down")
     path = control.socket_path(iface)
     deadline = time.monotonic() + 10

@@ -40,6 +40,18 @@ def socket_path(iface: str) -> Path:
     return run_dir() / f"{iface}.sock"
 
 
+def dns_marker_path(iface: str) -> Path:
+    """Exists while ``iface``'s DNS record is (or may be) set: an ``up`` that dies leaves it behind, so that
+    ``down`` (or the next ``up``) can take the record back."""
+    return run_dir() / f"{iface}.dns"
+
+
+def is_running(iface: str) -> bool:
+    """Whether an ``up`` process answers on ``iface``'s control socket."""
+    path = socket_path(iface)
+    return path.exists() and _answers(path)
+
+
 def list_interfaces() -> list[str]:
     d = run_dir()
     if not d.is_dir():
