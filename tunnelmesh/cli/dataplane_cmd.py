@@ -2,6 +2,7 @@
 
     tunnelmesh dataplane up --config /etc/tunnelmesh/tm0.conf   # foreground, until `down` or a signal
     tunnelmesh dataplane show [tm0] [--json]                    # like `wg show`
+    tunnelmesh dataplane reload tm0                             # apply the file's [Peer] changes live
     tunnelmesh dataplane down tm0
 
 `up` serves its state on a root-only UNIX socket (``/run/tunnelmesh/<iface>.sock``, see ``node/control.py``),
@@ -12,6 +13,11 @@ each with a deadline (``HOOK_TIMEOUT``): a failing ``PreUp``, ``DNS`` or ``PostU
 made is undone); a failing ``PreDown``/``PostDown`` or DNS removal is reported and the interface still goes
 down.
 
+`reload` (or SIGHUP to `up`) re-reads the file and applies what changed in its peers (added, removed,
+changed: ``wgquick.diff``) without touching the other peers' sessions, as ``wg syncconf`` does; a file that
+does not parse, or that changes ``[Interface]`` settings a running interface cannot take, is refused and
+nothing is applied.
+
 A record left by an `up` that died (``kill -9``) or whose removal failed would keep the host asking the
 tunnel's name servers; a marker in the run dir (``control.dns_marker_path``) remembers it until it is
 removed, by `down IFACE` (when no process answers) or by the next `up` of that interface.
@@ -19,6 +25,8 @@ removed, by `down IFACE` (when no process answers) or by the next `up` of that i
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,11 +43,12 @@ import click
 
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node import control, resolvconf, wgquick
-from tunnelmesh.node.dataplane import DataPlane
+from tunnelmesh.node.dataplane import DataPlane, key_b64
 
 log = logging.getLogger(__name__)
 
 HOOK_TIMEOUT = 60.0  # seconds one PreUp/PostUp/PreDown/PostDown command may take
+RELOAD_TIMEOUT = 60.0  # seconds `reload` waits for `up` (routes for many peers take a while)
 
 
 @click.group(name="dataplane")
@@ -90,8 +99,9 @@ def up(
     plane = DataPlane(interface, cfg.peers, registry=registry)
     hooks = cfg.hooks
     _run_hooks("PreUp", hooks.pre_up, interface.name)
-    stopping = threading.Event()
-    server = control.ControlServer(interface.name, plane.status, stopping.set)
+    stopping, reload_requested = threading.Event(), threading.Event()
+    reloader = _Reloader(plane, config_path, cfg)
+    server = control.ControlServer(interface.name, plane.status, stopping.set, reloader)
     server.start()  # refuses if another `up` serves this interface: a DNS marker now is a dead one's
     is_up = dns_set = False
     down_failures: list[str] = []
@@ -125,12 +135,17 @@ def up(
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
         click.echo(
-            f"interface {plane.name} up: public key {_b64(plane.public_key)}, listening on UDP port "
+            f"interface {plane.name} up: public key {key_b64(plane.public_key)}, listening on UDP port "
             f"{plane.listen_port}, {len(cfg.peers)} peer(s)",
         )
         sys.stdout.flush()
         while not stopping.wait(0.5):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                with contextlib.suppress(TunnelMeshError):  # logged by the reloader
+                    reloader()
             if not plane.running:
                 raise TunnelMeshError(
                     f"data plane {plane.name} failed: {'; '.join(plane.errors) or 'thread exited'}"
@@ -150,6 +165,74 @@ def up(
     click.echo(f"interface {interface.name} down")
     if down_failures:
         raise TunnelMeshError("; ".join(down_failures))
+
+
+class _Reloader:
+    """Applies a new version of the running interface's config file: its peer changes, live (``reload``,
+    SIGHUP). Anything else that changed refuses the reload before anything is applied."""
+
+    def __init__(self, plane: DataPlane, path: str, running: wgquick.WgQuickConfig) -> None:
+        self._plane, self._path, self._running = plane, path, running
+        self._lock = threading.Lock()  # the control thread and SIGHUP may ask at once
+
+    def __call__(self) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return self._reload()
+            except TunnelMeshError as exc:
+                log.error("event=config_reload_refused path=%s reason=%r", self._path, str(exc))
+                raise
+
+    def _reload(self) -> dict[str, Any]:
+        name = self._running.interface.name
+        new = wgquick.load(self._path, name=name)
+        change = wgquick.diff(self._running, new)
+        if change.restart:
+            raise TunnelMeshError(
+                f"{self._path}: {', '.join(change.restart)} changed, which a running interface cannot take; "
+                f"nothing was applied. Undo that change, or restart the interface (`tunnelmesh dataplane "
+                f"down {name}`, then `up`)"
+            )
+        peers = {p.public_key: p for p in self._running.peers}
+        try:
+            # Removed first: their allowed IPs may have moved to an added or changed peer.
+            for key in change.removed:
+                self._plane.remove_peer(key)
+                del peers[key]
+            for peer, fields in change.changed:
+                self._plane.update_peer(peer.public_key, **{f: getattr(peer, f) for f in fields})
+                peers[peer.public_key] = peer
+            for peer in change.added:
+                self._plane.add_peer(peer)
+                peers[peer.public_key] = peer
+        finally:  # what was applied is what runs now, even if a step failed
+            self._running = dataclasses.replace(self._running, peers=tuple(peers.values()))
+        result = {
+            "path": self._path,
+            "added": [key_b64(p.public_key) for p in change.added],
+            "removed": [key_b64(k) for k in change.removed],
+            "changed": {
+                key_b64(p.public_key): sorted(_KEY_OF[f] for f in fields) for p, fields in change.changed
+            },
+            "unchanged": change.unchanged,
+        }
+        log.info(
+            "event=config_reloaded iface=%s added=%d removed=%d changed=%d unchanged=%d",
+            name,
+            len(change.added),
+            len(change.removed),
+            len(change.changed),
+            change.unchanged,
+        )
+        return result
+
+
+_KEY_OF = {  # PeerConfig field -> its key in a wg-quick file
+    "endpoint": "Endpoint",
+    "allowed_ips": "AllowedIPs",
+    "preshared_key": "PresharedKey",
+    "persistent_keepalive": "PersistentKeepalive",
+}
 
 
 def _remove_stale_dns(iface: str) -> bool:
@@ -202,6 +285,24 @@ def show(iface: str | None, as_json: bool) -> None:
         click.echo("no running data plane interfaces")
         return
     click.echo("\n\n".join(format_status(s) for s in statuses))
+
+
+@dataplane.command()
+@click.argument("iface")
+def reload(iface: str) -> None:
+    """Apply the [Peer] changes in IFACE's config file to the running interface (like `wg syncconf`): the
+    other peers' sessions continue. A file that does not parse or changes [Interface] is refused."""
+    r = control.request(iface, "reload", timeout=RELOAD_TIMEOUT)["result"]
+    click.echo(
+        f"interface {iface} reloaded from {r['path']}: {len(r['added'])} peer(s) added, {len(r['removed'])} "
+        f"removed, {len(r['changed'])} changed, {r['unchanged']} unchanged"
+    )
+    for key in r["added"]:
+        click.echo(f"  added:   {key}")
+    for key in r["removed"]:
+        click.echo(f"  removed: {key}")
+    for key, fields in r["changed"].items():
+        click.echo(f"  changed: {key} ({', '.join(fields)})")
 
 
 @dataplane.command()
@@ -287,12 +388,6 @@ def _bytes(n: int) -> str:
             return f"{value:.2f} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     return f"{n} B"
-
-
-def _b64(key: bytes) -> str:
-    import base64
-
-    return base64.b64encode(key).decode()
 
 
 def _ensure_logging() -> None:

@@ -1,10 +1,11 @@
-"""The standalone data plane's control socket: how ``dataplane show`` and ``down`` reach a running ``up``.
+"""The standalone data plane's control socket: how ``dataplane show``, ``reload`` and ``down`` reach ``up``.
 
 One UNIX stream socket per interface, ``<run dir>/<iface>.sock`` (run dir ``/run/tunnelmesh``, or
 ``$TUNNELMESH_RUN_DIR``), created mode 0600 in a 0700 directory: only root (the owner) can talk to it, as
 with wireguard-go's ``/var/run/wireguard/<iface>.sock``. The protocol is one JSON object per line each way:
 
     -> {"cmd": "show"}      <- {"ok": true, "status": {...DataPlane.status()...}}
+    -> {"cmd": "reload"}    <- {"ok": true, "result": {...}}   (``up`` re-reads its config file)
     -> {"cmd": "down"}      <- {"ok": true}            (the engine then stops)
 
 Anything else gets ``{"ok": false, "error": "..."}``. Every read and write on either side has a deadline.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,21 @@ def list_interfaces() -> list[str]:
 
 
 class ControlServer:
-    """Serves ``show``/``down`` for one interface on a background thread."""
+    """Serves ``show``/``reload``/``down`` for one interface on a background thread. ``reload`` returns what
+    it changed or raises ``TunnelMeshError`` (the message goes back to the caller); without one (the mesh
+    node agent, whose peers come from the coordinators) the request is refused."""
 
-    def __init__(self, iface: str, status: Callable[[], dict[str, Any]], down: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        iface: str,
+        status: Callable[[], dict[str, Any]],
+        down: Callable[[], None],
+        reload: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.path = socket_path(iface)
         self._status = status
         self._down = down
+        self._reload = reload
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -123,6 +134,18 @@ class ControlServer:
                 except (OSError, ValueError) as exc:
                     log.debug("event=control_request_failed error=%r", str(exc))
 
+    def _do_reload(self) -> dict[str, Any]:
+        if self._reload is None:
+            return {
+                "ok": False,
+                "error": "this interface is run by the mesh node agent: its peers come from the "
+                "coordinators, not from a file",
+            }
+        try:
+            return {"ok": True, "result": self._reload()}
+        except TunnelMeshError as exc:
+            return {"ok": False, "error": str(exc)}
+
     def _handle(self, conn: socket.socket) -> None:
         line = _read_line(conn, MAX_REQUEST)
         try:
@@ -135,8 +158,10 @@ class ControlServer:
             resp: dict[str, Any] = {"ok": True, "status": self._status()}
         elif cmd == "down":
             resp, after = {"ok": True}, self._down
+        elif cmd == "reload":
+            resp = self._do_reload()
         else:
-            resp = {"ok": False, "error": 'unknown request; expected {"cmd": "show"} or {"cmd": "down"}'}
+            resp = {"ok": False, "error": 'unknown request; expected {"cmd": "show"|"reload"|"down"}'}
         conn.sendall(json.dumps(resp).encode() + b"\n")
         if after is not None:
             after()

@@ -7,7 +7,9 @@ with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel
 ``PreDown``/``PostDown`` (repeatable, in order) are collected as ``Hooks`` for ``tunnelmesh dataplane up`` to
 run as wg-quick does. ``DNS`` (comma-separated, repeatable: IP addresses are name servers, anything else a
 search domain) is set through ``resolvconf`` while the interface is up (``node/resolvconf.py``). Existing
-files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``PrivateKeyFile`` and
+files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``diff`` compares two versions of a
+file for ``tunnelmesh dataplane reload``: what changed in the peers, and what in ``[Interface]`` would need
+a restart. ``PrivateKeyFile`` and
 ``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be mode
 0600, as ``tunnelmesh.identity`` requires).
 
@@ -29,7 +31,7 @@ from tunnelmesh.errors import ConfigError, IdentityError
 from tunnelmesh.identity import parse_private_key, parse_public_key, read_private_key_file
 from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
 
-__all__ = ["Dns", "Hooks", "WgQuickConfig", "interface_name_for", "load", "parse"]
+__all__ = ["ConfigChange", "Dns", "Hooks", "WgQuickConfig", "diff", "interface_name_for", "load", "parse"]
 
 _INTERFACE_KEYS = {
     "privatekey",
@@ -112,6 +114,68 @@ class WgQuickConfig:
     ignored: tuple[str, ...] = field(default=())  # "file:line: Key" of keys we accept but do not act on
     hooks: Hooks = field(default_factory=Hooks)
     dns: Dns = field(default_factory=Dns)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """What a new version of a running interface's file changes (``diff``). ``restart`` names the
+    ``[Interface]`` settings that differ: a running interface cannot take them, so a reload refuses."""
+
+    added: tuple[PeerConfig, ...] = ()
+    removed: tuple[bytes, ...] = ()  # public keys
+    changed: tuple[tuple[PeerConfig, frozenset[str]], ...] = ()  # the new peer, its changed fields
+    unchanged: int = 0
+    restart: tuple[str, ...] = ()
+
+
+# The InterfaceConfig fields a wg-quick file sets, by their key in the file.
+_RESTART_FIELDS = {
+    "private_key": "PrivateKey",
+    "listen_port": "ListenPort",
+    "addresses": "Address",
+    "mtu": "MTU",
+    "manage_routes": "Table",
+    "table": "Table",
+    "fwmark": "FwMark",
+}
+_PEER_FIELDS = ("endpoint", "allowed_ips", "preshared_key", "persistent_keepalive")
+
+
+def diff(running: WgQuickConfig, new: WgQuickConfig) -> ConfigChange:
+    """Compare the file a running interface came up from with a new version of it. Peers are matched by
+    public key; a peer's fields count as changed only where the two files differ, so an endpoint the peer
+    roamed to is kept while the file's ``Endpoint`` stays the same."""
+    restart = [
+        key
+        for f, key in _RESTART_FIELDS.items()
+        if getattr(running.interface, f) != getattr(new.interface, f)
+    ]
+    if running.dns != new.dns:
+        restart.append("DNS")
+    if running.hooks != new.hooks:
+        restart.append("PreUp/PostUp/PreDown/PostDown")
+    old = {p.public_key: p for p in running.peers}
+    current = {p.public_key: p for p in new.peers}
+    changed: list[tuple[PeerConfig, frozenset[str]]] = []
+    unchanged = 0
+    for key, peer in current.items():
+        before = old.get(key)
+        if before is None:
+            continue
+        fields = {f for f in _PEER_FIELDS if getattr(before, f) != getattr(peer, f)}
+        if peer.endpoint is None:
+            fields.discard("endpoint")  # as with `wg`: an endpoint is never unset, only replaced
+        if fields:
+            changed.append((peer, frozenset(fields)))
+        else:
+            unchanged += 1
+    return ConfigChange(
+        added=tuple(p for k, p in current.items() if k not in old),
+        removed=tuple(k for k in old if k not in current),
+        changed=tuple(changed),
+        unchanged=unchanged,
+        restart=tuple(dict.fromkeys(restart)),  # Table covers two fields: name it once
+    )
 
 
 def interface_name_for(path: str | os.PathLike[str]) -> str:

@@ -296,3 +296,52 @@ def test_show_prints_like_wg_show() -> None:
     peers: list[dict[str, object]] = status["peers"]  # type: ignore[assignment]
     lossy = {**peers[0], "rx_packets": 997, "rx_lost": 3}
     assert "  receive loss: 3 packets (0.3%)" in format_status({**status, "peers": [lossy]}, now=1000.0)
+
+
+def _pub() -> str:
+    return base64.b64encode(bytes(nacl.public.PrivateKey.generate().public_key)).decode()
+
+
+def test_diff_sorts_peers_into_added_removed_changed_and_unchanged() -> None:
+    """`dataplane reload`: peers match by public key; a field is changed only where the two files differ."""
+    a, b, c, d = _pub(), _pub(), _pub(), _pub()
+    old = wgquick.parse(
+        conf("Address = 10.9.0.1/24\n")
+        + f"[Peer]\nPublicKey = {a}\nAllowedIPs = 10.9.0.2/32\nEndpoint = 192.0.2.1:51820\n"
+        + f"[Peer]\nPublicKey = {b}\nAllowedIPs = 10.9.0.3/32\n"
+        + f"[Peer]\nPublicKey = {c}\nAllowedIPs = 10.9.0.4/32\nEndpoint = 192.0.2.4:51820\n"
+    )
+    new = wgquick.parse(
+        conf("Address = 10.9.0.1/24\n")
+        + f"[Peer]\nPublicKey = {a}\nAllowedIPs = 10.9.0.2/32\nEndpoint = 192.0.2.1:51820\n"
+        + f"[Peer]\nPublicKey = {c}\nAllowedIPs = 10.9.0.4/32, 10.9.1.0/24\nPresharedKey = {PSK}\n"
+        + "PersistentKeepalive = 25\n"
+        + f"[Peer]\nPublicKey = {d}\nAllowedIPs = 10.9.0.5/32\n"
+    )
+    change = wgquick.diff(old, new)
+    assert [base64.b64encode(p.public_key).decode() for p in change.added] == [d]
+    assert [base64.b64encode(k).decode() for k in change.removed] == [b]
+    ((peer, fields),) = change.changed
+    assert base64.b64encode(peer.public_key).decode() == c
+    # Endpoint gone from the file: kept, as `wg` never unsets one.
+    assert fields == {"allowed_ips", "preshared_key", "persistent_keepalive"}
+    assert change.unchanged == 1 and change.restart == ()
+    assert wgquick.diff(new, new) == wgquick.ConfigChange(unchanged=3)
+
+
+@pytest.mark.parametrize(
+    ("body", "restart"),
+    [
+        ("Address = 10.9.0.9/24\n", ("Address",)),
+        ("Address = 10.9.0.1/24\nListenPort = 51821\nMTU = 1380\n", ("ListenPort", "MTU")),
+        ("Address = 10.9.0.1/24\nTable = off\n", ("Table",)),
+        ("Address = 10.9.0.1/24\nDNS = 10.9.0.53\nPostUp = true\n", ("DNS", "PreUp/PostUp/PreDown/PostDown")),
+    ],
+)
+def test_diff_names_interface_settings_that_need_a_restart(body: str, restart: tuple[str, ...]) -> None:
+    old = wgquick.parse(conf("Address = 10.9.0.1/24\n"))
+    assert wgquick.diff(old, wgquick.parse(conf(body))).restart == restart
+    other_key = (
+        f"[Interface]\nPrivateKey = {base64.b64encode(bytes(PEER_PRIV)).decode()}\nAddress = 10.9.0.1/24\n"
+    )
+    assert wgquick.diff(old, wgquick.parse(other_key)).restart == ("PrivateKey",)
