@@ -40,6 +40,7 @@ from types import FrameType
 from typing import Any
 
 import click
+from prometheus_client import CollectorRegistry, Counter
 
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node import control, resolvconf, wgquick
@@ -84,23 +85,17 @@ def up(
         )
     interface = cfg.interface
     if no_offloads or no_routes:
-        from dataclasses import replace
-
-        interface = replace(
+        interface = dataclasses.replace(
             interface,
             offloads=interface.offloads and not no_offloads,
             manage_routes=interface.manage_routes and not no_routes,  # `Table = off` stays off
         )
-    registry = None
-    if metrics_addr:
-        from prometheus_client import CollectorRegistry
-
-        registry = CollectorRegistry()
+    registry = CollectorRegistry() if metrics_addr else None
     plane = DataPlane(interface, cfg.peers, registry=registry)
     hooks = cfg.hooks
     _run_hooks("PreUp", hooks.pre_up, interface.name)
     stopping, reload_requested = threading.Event(), threading.Event()
-    reloader = _Reloader(plane, config_path, cfg)
+    reloader = _Reloader(plane, config_path, cfg, registry)
     server = control.ControlServer(interface.name, plane.status, stopping.set, reloader)
     server.start()  # refuses if another `up` serves this interface: a DNS marker now is a dead one's
     is_up = dns_set = False
@@ -171,17 +166,34 @@ class _Reloader:
     """Applies a new version of the running interface's config file: its peer changes, live (``reload``,
     SIGHUP). Anything else that changed refuses the reload before anything is applied."""
 
-    def __init__(self, plane: DataPlane, path: str, running: wgquick.WgQuickConfig) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        path: str,
+        running: wgquick.WgQuickConfig,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self._plane, self._path, self._running = plane, path, running
         self._lock = threading.Lock()  # the control thread and SIGHUP may ask at once
+        self._outcomes = Counter(
+            "tunnelmesh_dataplane_config_reloads",
+            "Config file reloads (`dataplane reload`, SIGHUP) by outcome: applied, or refused (the file does "
+            "not parse, changes [Interface], or a change failed to apply)",
+            ["interface", "outcome"],
+            registry=registry,
+        )
 
     def __call__(self) -> dict[str, Any]:
+        name = self._running.interface.name
         with self._lock:
             try:
-                return self._reload()
+                result = self._reload()
             except TunnelMeshError as exc:
+                self._outcomes.labels(name, "refused").inc()
                 log.error("event=config_reload_refused path=%s reason=%r", self._path, str(exc))
                 raise
+        self._outcomes.labels(name, "applied").inc()
+        return result
 
     def _reload(self) -> dict[str, Any]:
         name = self._running.interface.name
