@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.coordlab import Coord, CoordLab
+from tests.integration.coordlab import Coord, CoordLab, coord_argv
 from tunnelmesh.netlab import Lab
 
 pytestmark = [
@@ -70,6 +70,21 @@ def test_cluster_forms_and_writes_through_any_member_land_everywhere(cl: CoordLa
     assert len(has_leader) == 3 and all(line.endswith(" 1.0") for line in has_leader), has_leader
     saves = [line for line in lines if line.startswith("tunnelmesh_raft_storage_save_seconds_count ")]
     assert len(saves) == 3 and all(float(line.split()[-1]) > 0 for line in saves), saves
+    # `tunnelmesh cluster status` from the leader: every member's lag behind the commit index, and when each
+    # follower last answered.
+    leader = cl.leader()
+    out = cl.client.run(coord_argv("cluster", "status", "-c", leader.api), timeout=60, env=cl.client_env())
+    table = out.stdout.splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("MEMBER"))
+    assert table[head].split()[:8] == ["MEMBER", "NAME", "ROLE", "LEADER", "HEALTHY", "LAG", "CONTACT", "API"]
+    rows = [line.split() for line in table[head + 1 :] if line.strip()]
+    assert len(rows) == 3, out.stdout
+    for row in rows:
+        is_leader = row[3] == "*"  # the LEADER column is blank on the other rows
+        healthy, lag, contact = row[4:7] if is_leader else row[3:6]
+        assert healthy == "yes" and lag.isdigit() and int(lag) < 50, out.stdout  # idle cluster: caught up
+        assert contact == "-" if is_leader else float(contact.rstrip("s")) < 5, out.stdout
+    assert sum(row[3] == "*" for row in rows) == 1
 
 
 def test_kill_leader_new_leader_within_2s_and_no_acknowledged_write_lost(

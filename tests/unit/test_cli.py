@@ -116,3 +116,22 @@ def test_status_table_shows_each_peers_receive_loss() -> None:
     assert header.split()[-2:] == ["RX", "LOSS"]
     rows = {line.split()[0]: line.split()[-1] for line in lines[lines.index(header) + 1 :]}
     assert rows == {"b": "3%", "c": "0%", "d": "-"}
+
+
+def test_cluster_members_table_shows_lag_and_last_contact() -> None:
+    """`cluster status`: LAG is the commit index minus the member's match index (the leader's view), CONTACT
+    the time since it last answered; "-" where the serving coordinator does not know."""
+    from tunnelmesh.api.v1 import admin_pb2
+    from tunnelmesh.cli.cluster_cmd import members_table
+
+    leader = admin_pb2.Member(member_id="aa", role=admin_pb2.MEMBER_ROLE_VOTER, is_leader=True, healthy=True)
+    leader.match_index = 120
+    behind = admin_pb2.Member(member_id="bb", role=admin_pb2.MEMBER_ROLE_LEARNER, match_index=20)
+    behind.last_contact_age.FromMilliseconds(2500)
+    unknown = admin_pb2.Member(member_id="cc", role=admin_pb2.MEMBER_ROLE_VOTER)
+    header, *rows = members_table([leader, behind, unknown], commit=120)
+    assert header.split()[5:7] == ["LAG", "CONTACT"]
+    assert rows[0].split() == ["aa", "voter", "*", "yes", "0", "-"]  # no name or addresses here
+    assert rows[1].split() == ["bb", "learner", "-", "100", "2.5s"]
+    assert rows[2].split() == ["cc", "voter", "-", "-", "-"]
+    assert members_table([behind])[1].split() == ["bb", "learner", "-", "-", "2.5s"]  # no commit index

@@ -23,13 +23,25 @@ F = TypeVar("F", bound=Callable[..., Any])
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
-def _members_table(members: list[admin_pb2.Member]) -> None:
-    click.echo(f"{'MEMBER':<18}{'NAME':<16}{'ROLE':<9}{'LEADER':<8}{'HEALTHY':<9}{'API':<22}RAFT")
+def members_table(members: list[admin_pb2.Member], commit: int | None = None) -> list[str]:
+    """The members as a table. ``LAG`` (entries the member's log is behind ``commit``) and ``CONTACT``
+    (since it last answered) are the leader's view: "-" where the serving coordinator does not know them
+    (it is not the leader, or ``commit`` is not given)."""
+    lines = [
+        f"{'MEMBER':<18}{'NAME':<16}{'ROLE':<9}{'LEADER':<8}{'HEALTHY':<9}{'LAG':<8}{'CONTACT':<9}{'API':<22}RAFT"
+    ]
     for m in members:
-        click.echo(
-            f"{m.member_id:<18}{m.info.name:<16}{_ROLE.get(m.role, '?'):<9}{'*' if m.is_leader else '':<8}"
-            f"{'yes' if m.healthy else '-':<9}{m.info.api_address:<22}{m.raft_address}"
+        lag = str(max(0, commit - m.match_index)) if commit is not None and m.match_index else "-"
+        contact = (
+            f"{m.last_contact_age.ToTimedelta().total_seconds():.1f}s"
+            if m.HasField("last_contact_age")
+            else "-"
         )
+        lines.append(
+            f"{m.member_id:<18}{m.info.name:<16}{_ROLE.get(m.role, '?'):<9}{'*' if m.is_leader else '':<8}"
+            f"{'yes' if m.healthy else '-':<9}{lag:<8}{contact:<9}{m.info.api_address:<22}{m.raft_address}"
+        )
+    return lines
 
 
 @click.group("cluster")
@@ -52,7 +64,7 @@ def status(conn: Connection, as_json: bool) -> None:
     click.echo(f"term      {st.term}")
     click.echo(f"commit    {st.commit_index}   applied {st.applied_index}   snapshot {st.snapshot_index}")
     click.echo("")
-    _members_table(list(st.members))
+    click.echo("\n".join(members_table(list(st.members), st.commit_index)))
 
 
 @cluster.command("members")
@@ -64,7 +76,7 @@ def members(conn: Connection, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([MessageToDict(m) for m in ms], indent=2))
         return
-    _members_table(ms)
+    click.echo("\n".join(members_table(ms)))
 
 
 @cluster.command("transfer-leader")
