@@ -345,3 +345,20 @@ def test_diff_names_interface_settings_that_need_a_restart(body: str, restart: t
         f"[Interface]\nPrivateKey = {base64.b64encode(bytes(PEER_PRIV)).decode()}\nAddress = 10.9.0.1/24\n"
     )
     assert wgquick.diff(old, wgquick.parse(other_key)).restart == ("PrivateKey",)
+
+
+def test_diff_resolves_endpoint_names_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload resolves host names anew: a peer behind dynamic DNS that moved gets its new address (what
+    wireguard-tools' reresolve-dns.sh does); the same answer changes nothing."""
+    answer = {"peer.example": "192.0.2.10"}
+
+    def resolve(host: str, port: object, *args: object, **kwargs: object) -> object:
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (answer[host], int(str(port))))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    text = conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = peer.example:51820\n")
+    before = wgquick.parse(text)
+    assert wgquick.diff(before, wgquick.parse(text)) == wgquick.ConfigChange(unchanged=1)
+    answer["peer.example"] = "192.0.2.77"
+    ((peer, fields),) = wgquick.diff(before, wgquick.parse(text)).changed
+    assert fields == {"endpoint"} and peer.endpoint == ("192.0.2.77", 51820)
