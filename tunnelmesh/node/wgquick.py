@@ -7,11 +7,10 @@ with ``Table = auto`` becomes policy routing; see docs/dataplane.md, Full tunnel
 ``PreDown``/``PostDown`` (repeatable, in order) are collected as ``Hooks`` for ``tunnelmesh dataplane up`` to
 run as wg-quick does. ``DNS`` (comma-separated, repeatable: IP addresses are name servers, anything else a
 search domain) is set through ``resolvconf`` while the interface is up (``node/resolvconf.py``). Existing
-files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``diff`` compares two versions of a
-file for ``tunnelmesh dataplane reload``: what changed in the peers, and what in ``[Interface]`` would need
-a restart. ``PrivateKeyFile`` and
+files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``PrivateKeyFile`` and
 ``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be mode
-0600, as ``tunnelmesh.identity`` requires).
+0600, as ``tunnelmesh.identity`` requires). ``diff`` compares two versions of a file for ``tunnelmesh
+dataplane reload``: what changed in the peers, and which ``[Interface]`` settings would need a restart.
 
 Every error names the file, the line and the field, and says what a valid value looks like; no error message
 contains key material.
