@@ -224,7 +224,8 @@ class _Reloader:
             "added": [key_b64(p.public_key) for p in change.added],
             "removed": [key_b64(k) for k in change.removed],
             "changed": {
-                key_b64(p.public_key): sorted(_KEY_OF[f] for f in fields) for p, fields in change.changed
+                key_b64(p.public_key): sorted(wgquick.PEER_FIELD_KEYS[f] for f in fields)
+                for p, fields in change.changed
             },
             "unchanged": change.unchanged,
         }
@@ -237,14 +238,6 @@ class _Reloader:
             change.unchanged,
         )
         return result
-
-
-_KEY_OF = {  # PeerConfig field -> its key in a wg-quick file
-    "endpoint": "Endpoint",
-    "allowed_ips": "AllowedIPs",
-    "preshared_key": "PresharedKey",
-    "persistent_keepalive": "PersistentKeepalive",
-}
 
 
 def _remove_stale_dns(iface: str) -> bool:

@@ -137,7 +137,13 @@ _RESTART_FIELDS = {
     "table": "Table",
     "fwmark": "FwMark",
 }
-_PEER_FIELDS = ("endpoint", "allowed_ips", "preshared_key", "persistent_keepalive")
+# The PeerConfig fields a reload can change, and their keys in the file.
+PEER_FIELD_KEYS = {
+    "endpoint": "Endpoint",
+    "allowed_ips": "AllowedIPs",
+    "preshared_key": "PresharedKey",
+    "persistent_keepalive": "PersistentKeepalive",
+}
 
 
 def diff(running: WgQuickConfig, new: WgQuickConfig) -> ConfigChange:
@@ -161,7 +167,7 @@ def diff(running: WgQuickConfig, new: WgQuickConfig) -> ConfigChange:
         before = old.get(key)
         if before is None:
             continue
-        fields = {f for f in _PEER_FIELDS if getattr(before, f) != getattr(peer, f)}
+        fields = {f for f in PEER_FIELD_KEYS if getattr(before, f) != getattr(peer, f)}
         if peer.endpoint is None:
             fields.discard("endpoint")  # as with `wg`: an endpoint is never unset, only replaced
         if fields:
