@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import raft as rb
+from output_paths import file_problem
 
 ROOT = rb.ROOT
 sys.path.insert(0, str(ROOT))  # the tree being measured, installed or not
@@ -576,7 +577,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument("--keep", action="store_true", help="keep the data dirs and logs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.json and (problem := file_problem(args.json)):
+        p.error(f"--json: {problem}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from output_paths import file_problem  # noqa: E402 - bench/, this script's directory
+
 from tunnelmesh.netlab import Lab  # noqa: E402 - needs the repo root on sys.path first
 from tunnelmesh.netlab.topology import Host  # noqa: E402
 
@@ -275,6 +277,8 @@ def main() -> int:
     )
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.json_path and (problem := file_problem(Path(args.json_path))):
+        ap.error(f"--json: {problem}")
     if os.geteuid() != 0:
         print("needs root (network namespaces, TUN devices, sysctl)", file=sys.stderr)
         return 2

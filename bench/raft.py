@@ -73,6 +73,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from output_paths import dir_problem, file_problem  # bench/, this script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = Path(__file__).resolve().with_name("etcd_kv.proto")
 ETCD_BIN = "/usr/bin/etcd"
@@ -1356,7 +1358,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-native", action="store_true", help="with --profile: C frames too (slower)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data dirs, logs)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, problem in (
+        ("--json", args.json and file_problem(args.json)),
+        ("--profile", args.profile and dir_problem(args.profile)),
+    ):
+        if problem:
+            p.error(f"{flag}: {problem}")
+    try:
+        args.clients = tuple(int(c) for c in args.clients.split(","))
+    except ValueError:
+        args.clients = ()
+    if not args.clients or min(args.clients) < 1:
+        p.error("--clients: a comma-separated list of client counts, e.g. 1,16,128")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1374,7 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup_ops=50 if q else 100,
         duration=args.duration or (2.0 if q else 5.0),
         warmup_s=0.5 if q else 1.0,
-        clients=tuple(int(c) for c in args.clients.split(",")),
+        clients=args.clients,
         value_size=args.value_size,
         target=args.target,
         systems=systems,
