@@ -274,3 +274,90 @@ def test_a_killed_up_leaves_its_dns_record_to_down_or_the_next_up(setup: Setup, 
     assert "event=dns_stale_record_removed" in plain.log_text()
     record_gone()
     plain.stop()
+
+
+def _spawn_up_to_peer(host: Host, tmp_path: Path, iface: str, endpoint: str, env: dict[str, str]) -> Process:
+    """`dataplane up` of a config with one peer at ``endpoint`` (a host name)."""
+    key, _ = genkey()
+    _, peer_pub = genkey()
+    conf = tmp_path / f"{iface}.conf"
+    conf.write_text(wg_quick_text(key, f"{TM_IP}/24", [PeerSpec(peer_pub, f"{WG_IP}/32", endpoint)]))
+    conf.chmod(0o600)
+    return host.spawn(
+        [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
+        name=f"tm-{iface}-{time.monotonic_ns()}",
+        env={"TUNNELMESH_RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": str(ROOT), **env},
+    )
+
+
+def _name_server(host: Host, tmp_path: Path, answers: dict[str, str]) -> Process:
+    """dnsmasq on the namespace's 127.0.0.1 (its resolv.conf's server), the only server for ``.test``: other
+    names there get NXDOMAIN."""
+    records = [f"--host-record={name},{ip}" for name, ip in answers.items()]
+    proc = host.spawn(
+        [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--user=root", "--no-resolv",
+            "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1", "--local=/test/", *records,
+        ],
+        name=f"dnsmasq-{time.monotonic_ns()}",
+    )  # fmt: skip
+    host.wait_listening(53, proto="udp", timeout=10)
+    return proc
+
+
+def test_endpoint_names_wait_for_a_name_server_that_is_not_up_yet(
+    lab: Lab, setup: Setup, tmp_path: Path
+) -> None:
+    """As wg(8) at boot: the name server does not answer yet (nothing listens on the resolv.conf's 127.0.0.1),
+    so `up` retries, saying so, and comes up once the name resolves; the peer is reached at that address."""
+    host = setup.host
+    h_wg = lab.host("wg", setup.lan)
+    tm = TmNode(host, f"tmw{lab.id}", tmp_path, tmp_path / "run")  # for show and down
+    wgo = WgGoNode(h_wg, f"wgw{lab.id}", tmp_path)
+    wgo.up(f"{WG_IP}/24", [PeerSpec(tm.pub, f"{TM_IP}/32")])
+    conf = tmp_path / f"{tm.iface}.conf"
+    conf.write_text(
+        wg_quick_text(tm.key, f"{TM_IP}/24", [PeerSpec(wgo.pub, f"{WG_IP}/32", f"peer.test:{WG_PORT}")])
+    )
+    conf.chmod(0o600)
+    tm.proc = host.spawn(
+        [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
+        name=f"tm-{tm.iface}-{time.monotonic_ns()}",
+        env=tm.env,
+    )
+    tm.proc.wait_for_log(r"event=endpoint_resolve_retry .*host=peer\.test .*retry=1/15", timeout=20)
+    dnsmasq = _name_server(host, tmp_path, {"peer.test": h_wg.ip})
+    tm.proc.wait_for_log(r"interface \S+ up", timeout=30)
+    assert tm.peer(wgo.pub)["endpoint"] == f"{h_wg.ip}:{WG_PORT}"
+    host.run(["ping", "-c", "2", "-W", "3", WG_IP], timeout=15)  # the handshake went to that address
+    assert tm.peer(wgo.pub)["latest_handshake"]
+    tm.down()
+    assert tm.proc.returncode == 0
+    dnsmasq.stop()
+
+
+def test_endpoint_names_that_cannot_resolve_fail_up_without_waiting(setup: Setup, tmp_path: Path) -> None:
+    """A name the server says does not exist is final: no retry. With WG_ENDPOINT_RESOLUTION_RETRIES=0, a
+    server that does not answer fails `up` at once too. Nothing is left behind either way."""
+    host = setup.host
+    iface = f"tmx{os.getpid() % 10000}"
+    proc = _spawn_up_to_peer(
+        host, tmp_path, iface, f"peer.test:{WG_PORT}", {"WG_ENDPOINT_RESOLUTION_RETRIES": "0"}
+    )
+    assert proc.wait(30) == 1
+    assert "Endpoint host 'peer.test' does not resolve now:" in proc.log_text()
+    assert "endpoint_resolve_retry" not in proc.log_text()
+
+    dnsmasq = _name_server(host, tmp_path, {"other.test": "10.68.0.99"})
+    proc = _spawn_up_to_peer(host, tmp_path, iface, f"peer.test:{WG_PORT}", {})
+    assert proc.wait(30) == 1
+    assert "Endpoint host 'peer.test' does not resolve: Name or service not known" in proc.log_text()
+    assert "endpoint_resolve_retry" not in proc.log_text()
+    assert host.run(["ip", "link", "show", iface], check=False).returncode != 0
+
+    proc = _spawn_up_to_peer(
+        host, tmp_path, iface, f"peer.test:{WG_PORT}", {"WG_ENDPOINT_RESOLUTION_RETRIES": "x"}
+    )
+    assert proc.wait(30) == 1
+    assert "WG_ENDPOINT_RESOLUTION_RETRIES='x': expected a number of retries or 'infinity'" in proc.log_text()
+    dnsmasq.stop()

@@ -78,7 +78,8 @@ def up(
 ) -> None:
     """Bring an interface up from a wg-quick config and run it in the foreground."""
     _ensure_logging()
-    cfg = wgquick.load(config_path, name=iface)
+    # As wg(8) at boot: a name server that does not answer yet is waited for (the warnings show each retry).
+    cfg = wgquick.load(config_path, name=iface, resolve_retries=wgquick.resolution_retries())
     for where in cfg.ignored:
         log.warning(
             "event=config_key_ignored where=%r reason=%r", where, "only wg-quick's shell script uses it"
@@ -197,6 +198,7 @@ class _Reloader:
 
     def _reload(self) -> dict[str, Any]:
         name = self._running.interface.name
+        # No retries here: a reload answers within its deadline; a name that does not resolve now refuses it.
         new = wgquick.load(self._path, name=name)
         change = wgquick.diff(self._running, new)
         if change.restart:

@@ -11,6 +11,8 @@ files work unchanged: ``SaveConfig`` is accepted and reported as ignored. ``Priv
 ``PresharedKeyFile`` are TunnelMesh additions that keep secrets out of the config file (key files must be mode
 0600, as ``tunnelmesh.identity`` requires). ``diff`` compares two versions of a file for ``tunnelmesh
 dataplane reload``: what changed in the peers, and which ``[Interface]`` settings would need a restart.
+``Endpoint`` host names are resolved while parsing; ``up`` retries a lookup that failed for a reason that may
+pass, as wg(8) does (``WG_ENDPOINT_RESOLUTION_RETRIES``).
 
 Every error names the file, the line and the field, and says what a valid value looks like; no error message
 contains key material.
@@ -20,17 +22,44 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import socket
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from tunnelmesh.errors import ConfigError, IdentityError
 from tunnelmesh.identity import parse_private_key, parse_public_key, read_private_key_file
 from tunnelmesh.node.dataplane import DEFAULT_MTU, InterfaceConfig, PeerConfig
 
-__all__ = ["ConfigChange", "Dns", "Hooks", "WgQuickConfig", "diff", "interface_name_for", "load", "parse"]
+__all__ = [
+    "ConfigChange",
+    "Dns",
+    "Hooks",
+    "WgQuickConfig",
+    "diff",
+    "interface_name_for",
+    "load",
+    "parse",
+    "resolution_retries",
+]
+
+log = logging.getLogger(__name__)
+
+# Endpoint host names: a lookup that fails for a reason that may pass (no network yet at boot, a name server
+# not answering) is tried again, as wg(8) does, under wg(8)'s variable: unit files that set it keep working.
+RESOLUTION_RETRIES_ENV: Final = "WG_ENDPOINT_RESOLUTION_RETRIES"
+DEFAULT_RESOLUTION_RETRIES: Final = 15  # wg(8)'s default: about 72 s of waits in all
+RESOLUTION_FIRST_WAIT: Final = 1.0  # seconds; each wait is 1.2 times the last, at most RESOLUTION_MAX_WAIT
+RESOLUTION_MAX_WAIT: Final = 20.0
+# The answers no retry can change (glibc: "EAI_FAIL, EAI_NONAME and EAI_NODATA are all permanent").
+_PERMANENT_GAI_ERRORS: Final = frozenset(
+    {socket.EAI_NONAME, socket.EAI_FAIL} | ({socket.EAI_NODATA} if hasattr(socket, "EAI_NODATA") else set())
+)
 
 _INTERFACE_KEYS = {
     "privatekey",
@@ -191,7 +220,28 @@ def interface_name_for(path: str | os.PathLike[str]) -> str:
     return name
 
 
-def load(path: str | os.PathLike[str], *, name: str | None = None) -> WgQuickConfig:
+def resolution_retries(env: Mapping[str, str] = os.environ) -> int | None:
+    """How many times a transient failure to resolve an ``Endpoint`` host is retried: ``$WG_ENDPOINT_
+    RESOLUTION_RETRIES`` (a number, or ``infinity``: None), default 15."""
+    value = env.get(RESOLUTION_RETRIES_ENV, "").strip()
+    if not value:
+        return DEFAULT_RESOLUTION_RETRIES
+    if value.lower() == "infinity":
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{RESOLUTION_RETRIES_ENV}={value!r}: expected a number of retries or 'infinity'")
+    return int(value)
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    resolve_retries: int | None = 0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> WgQuickConfig:
+    """Read and parse a config file. ``resolve_retries``: how often a transient failure to resolve an
+    ``Endpoint`` host name is retried (None: until it resolves), after waits growing from 1 s to 20 s."""
     target = Path(path)
     try:
         text = target.read_text(encoding="utf-8")
@@ -203,7 +253,14 @@ def load(path: str | os.PathLike[str], *, name: str | None = None) -> WgQuickCon
         raise ConfigError(f"{target}: not a text file (UTF-8 expected)") from None
     except OSError as exc:
         raise ConfigError(f"{target}: cannot read the config file: {exc.strerror}") from None
-    return parse(text, source=str(target), name=name or interface_name_for(target), base_dir=target.parent)
+    return parse(
+        text,
+        source=str(target),
+        name=name or interface_name_for(target),
+        base_dir=target.parent,
+        resolve_retries=resolve_retries,
+        sleep=sleep,
+    )
 
 
 class _Section:
@@ -214,9 +271,15 @@ class _Section:
 
 
 def parse(
-    text: str, *, source: str = "<config>", name: str = "tm0", base_dir: Path | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    name: str = "tm0",
+    base_dir: Path | None = None,
+    resolve_retries: int | None = 0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> WgQuickConfig:
-    """Parse wg-quick config ``text``; ``source`` names it in errors."""
+    """Parse wg-quick config ``text``; ``source`` names it in errors. ``resolve_retries`` as for ``load``."""
     sections: list[_Section] = []
     ignored: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -266,7 +329,7 @@ def parse(
     for s in sections:
         if s.kind != "peer":
             continue
-        peer = _peer(s, source, base_dir)
+        peer = _peer(s, source, base_dir, _Resolver(resolve_retries, sleep))
         if peer.public_key in seen:
             raise ConfigError(
                 f"{source}:{s.line}: [Peer] repeats the PublicKey of the [Peer] "
@@ -450,7 +513,7 @@ def rt_table_names() -> dict[str, int]:
     return names
 
 
-def _peer(s: _Section, source: str, base_dir: Path | None) -> PeerConfig:
+def _peer(s: _Section, source: str, base_dir: Path | None, resolver: _Resolver) -> PeerConfig:
     pk = _one(s, "publickey")
     if pk is None:
         raise ConfigError(f"{source}:{s.line}: [Peer] has no PublicKey (the peer's `wg pubkey` output)")
@@ -474,7 +537,7 @@ def _peer(s: _Section, source: str, base_dir: Path | None) -> PeerConfig:
         raise ConfigError(str(exc).replace("public key", "preshared key (`wg genpsk` output)")) from None
     endpoint = None
     if (ep := _one(s, "endpoint")) is not None:
-        endpoint = _endpoint(ep, source)
+        endpoint = _endpoint(ep, source, resolver)
     keepalive = 0.0
     if (ka := _one(s, "persistentkeepalive")) is not None:
         keepalive = (
@@ -509,10 +572,45 @@ def _int(item: tuple[int, str], source: str, field_name: str, lo: int, hi: int) 
     return n
 
 
-def _endpoint(item: tuple[int, str], source: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` as wg(8) takes it. A host name is resolved once, to its first address
-    (either family, in the system's preference order, as wg does); a link-local ``[fe80::1%eth0]`` keeps its
-    scope as the interface index (``fe80::1%2``), the form the data plane reports received packets in."""
+@dataclass(frozen=True)
+class _Resolver:
+    """Looks up an Endpoint host name, retrying failures that may pass (see RESOLUTION_RETRIES_ENV)."""
+
+    retries: int | None  # None: until it resolves
+    sleep: Callable[[float], None]
+
+    def __call__(self, host: str, port: int, where: str) -> list[tuple[object, ...]]:
+        wait, attempt = RESOLUTION_FIRST_WAIT, 0
+        while True:
+            try:
+                infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
+                return [info[4] for info in infos]
+            except UnicodeError as exc:  # not a valid (IDNA) name: permanent
+                raise ConfigError(f"{where}: Endpoint host {host!r} is not a valid name: {exc}") from None
+            except socket.gaierror as exc:
+                reason = exc.strerror or str(exc)
+                if exc.errno in _PERMANENT_GAI_ERRORS:
+                    raise ConfigError(f"{where}: Endpoint host {host!r} does not resolve: {reason}") from None
+                if self.retries is not None and attempt >= self.retries:
+                    tried = f"; tried {attempt + 1} times" if attempt else ""
+                    raise ConfigError(
+                        f"{where}: Endpoint host {host!r} does not resolve now: {reason}{tried} "
+                        f"({RESOLUTION_RETRIES_ENV} sets how often `up` retries, or 'infinity')"
+                    ) from None
+            attempt += 1
+            limit = "" if self.retries is None else f"/{self.retries}"
+            log.warning(
+                "event=endpoint_resolve_retry where=%s host=%s reason=%r retry=%d%s in_seconds=%.2f",
+                where, host, reason, attempt, limit, wait,
+            )  # fmt: skip
+            self.sleep(wait)
+            wait = min(wait * 1.2, RESOLUTION_MAX_WAIT)
+
+
+def _endpoint(item: tuple[int, str], source: str, resolver: _Resolver) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as wg(8) takes it. A host name is resolved to its first address (either
+    family, in the system's preference order, as wg does); a link-local ``[fe80::1%eth0]`` keeps its scope as
+    the interface index (``fe80::1%2``), the form the data plane reports received packets in."""
     lineno, value = item
     where = f"{source}:{lineno}"
     example = "e.g. 198.51.100.7:51820 or [2001:db8::1]:51820"
@@ -538,11 +636,7 @@ def _endpoint(item: tuple[int, str], source: str) -> tuple[str, int]:
             raise ConfigError(
                 f"{where}: Endpoint {value!r}: {host!r} in brackets is not an IPv6 address"
             ) from None
-        try:
-            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ConfigError(f"{where}: Endpoint host {host!r} does not resolve: {exc}") from None
-        host = _scoped(infos[0][4])
+        host = _scoped(resolver(host, port, where)[0])
         addr = ipaddress.ip_address(host)
     if addr.version == 4:
         if bracketed:

@@ -362,3 +362,90 @@ def test_diff_resolves_endpoint_names_again(monkeypatch: pytest.MonkeyPatch) -> 
     answer["peer.example"] = "192.0.2.77"
     ((peer, fields),) = wgquick.diff(before, wgquick.parse(text)).changed
     assert fields == {"endpoint"} and peer.endpoint == ("192.0.2.77", 51820)
+
+
+class _FlakyResolver:
+    """``getaddrinfo`` that fails with ``error`` ``failures`` times, then answers 192.0.2.10."""
+
+    def __init__(self, failures: int, error: int = socket.EAI_AGAIN) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self, host: str, port: object, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise socket.gaierror(self.error, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.10", int(str(port))))]
+
+
+def _no_wait(seconds: float) -> None:
+    raise AssertionError(f"waited {seconds} s: nothing should be retried here")
+
+
+PEER_BY_NAME = conf(f"[Peer]\nPublicKey = {PUB}\nEndpoint = peer.example:51820\n")
+
+
+def test_a_transient_resolution_failure_is_retried_with_growing_waits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wg(8): a name server that does not answer yet (boot) is waited for; every retry is logged."""
+    resolver, waits = _FlakyResolver(failures=3), list[float]()
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    cfg = wgquick.parse(PEER_BY_NAME, source="tm0.conf", resolve_retries=15, sleep=waits.append)
+    assert cfg.peers[0].endpoint == ("192.0.2.10", 51820)
+    assert waits == pytest.approx([1.0, 1.2, 1.44])
+    retries = [r.getMessage() for r in caplog.records if "endpoint_resolve_retry" in r.getMessage()]
+    assert len(retries) == 3 and "where=tm0.conf:5 host=peer.example" in retries[0]
+    assert "retry=3/15" in retries[2]
+
+
+def test_waits_between_retries_stop_growing_at_20_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(socket, "getaddrinfo", _FlakyResolver(failures=30))
+    wgquick.parse(PEER_BY_NAME, resolve_retries=None, sleep=waits.append)  # None: until it resolves
+    assert len(waits) == 30 and max(waits) == 20.0 and waits[-1] == 20.0
+    assert waits == sorted(waits)
+
+
+def test_resolution_gives_up_after_its_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(socket, "getaddrinfo", _FlakyResolver(failures=10))
+    with pytest.raises(ConfigError) as err:
+        wgquick.parse(PEER_BY_NAME, source="tm0.conf", resolve_retries=2, sleep=waits.append)
+    assert str(err.value) == (
+        "tm0.conf:5: Endpoint host 'peer.example' does not resolve now: "
+        "Temporary failure in name resolution; tried 3 times "
+        "(WG_ENDPOINT_RESOLUTION_RETRIES sets how often `up` retries, or 'infinity')"
+    )
+    assert len(waits) == 2
+
+
+def test_without_retries_a_transient_failure_fails_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default (and `reload`): no waiting."""
+    resolver = _FlakyResolver(failures=1)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    with pytest.raises(ConfigError, match=r"does not resolve now: Temporary failure in name resolution \("):
+        wgquick.parse(PEER_BY_NAME, sleep=_no_wait)
+    assert resolver.calls == 1
+
+
+@pytest.mark.parametrize("error", [socket.EAI_NONAME, socket.EAI_FAIL, socket.EAI_NODATA])
+def test_a_permanent_resolution_failure_is_not_retried(monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    resolver = _FlakyResolver(failures=1, error=error)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    with pytest.raises(ConfigError, match=r"tm0\.conf:5: Endpoint host 'peer\.example' does not resolve: "):
+        wgquick.parse(PEER_BY_NAME, source="tm0.conf", resolve_retries=15, sleep=_no_wait)
+    assert resolver.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "retries"), [(None, 15), ("", 15), ("0", 0), ("3", 3), ("infinity", None), (" Infinity ", None)]
+)
+def test_resolution_retries_come_from_wg_s_variable(value: str | None, retries: int | None) -> None:
+    env = {} if value is None else {"WG_ENDPOINT_RESOLUTION_RETRIES": value}
+    assert wgquick.resolution_retries(env) == retries
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_a_bad_resolution_retries_value_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"WG_ENDPOINT_RESOLUTION_RETRIES='{value}': expected a number"):
+        wgquick.resolution_retries({"WG_ENDPOINT_RESOLUTION_RETRIES": value})
