@@ -66,8 +66,9 @@ class Coord:
     def raft(self) -> str:
         return f"{self.host.ip}:{self.raft_port}"
 
-    def start(self, *args: str) -> Process:
-        """Start (or restart) the coordinator; ``args`` are extra flags for the first start."""
+    def start(self, *args: str, env: dict[str, str] | None = None) -> Process:
+        """Start (or restart) the coordinator; ``args`` are extra flags for the first start, ``env`` more
+        environment for this start."""
         if self.starts == 0:
             self.extra = list(args)
         self.starts += 1
@@ -83,7 +84,7 @@ class Coord:
             self.name,
             *self.extra,
         )
-        self.proc = self.host.spawn(argv, name=f"coord{self.starts}")
+        self.proc = self.host.spawn(argv, name=f"coord{self.starts}", env=env)
         return self.proc
 
     def wait_serving(self, timeout: float = 20.0) -> None:

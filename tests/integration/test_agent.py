@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -69,10 +70,10 @@ class Node:
         )
         return self.proc
 
-    def restart(self) -> Process:
+    def restart(self, env: dict[str, str] | None = None) -> Process:
         self.starts += 1
         argv = coord_argv("node", "--state-dir", str(self.state_dir), *self._daemon_flags())
-        self.proc = self.host.spawn(argv, name=f"node{self.starts}", env=self.env)
+        self.proc = self.host.spawn(argv, name=f"node{self.starts}", env={**self.env, **(env or {})})
         return self.proc
 
     def _daemon_flags(self) -> list[str]:
@@ -219,7 +220,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         yield w
 
 
-def test_agents_build_the_mesh_follow_changes_and_survive_the_coordinator(world: World) -> None:
+def test_agents_build_the_mesh_follow_changes_and_survive_the_coordinator(
+    world: World, tmp_path: Path
+) -> None:
     token = world.join_token()
     coords = world.coord.api
     a, b = world.node("a"), world.node("b")
@@ -314,8 +317,15 @@ def test_agents_build_the_mesh_follow_changes_and_survive_the_coordinator(world:
     assert f"none: using cached config v{version}" in a.status_text()
     assert b.proc is not None
     b.proc.stop()
-    b.restart()
-    b.proc.wait_for_log(r"event=cached_config_applied", timeout=30)
+    # Under systemd (Type=notify) the restarted agent reports itself started without any coordinator: its
+    # interface forwards with the cached config.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+        manager.settimeout(30)
+        b.restart(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        ready = dict(line.split("=", 1) for line in manager.recv(4096).decode().split("\n"))
+    assert ready["READY"] == "1" and f"up on {b.iface}: mesh address {ip['b']}" in ready["STATUS"], ready
+    assert "event=cached_config_applied" in b.log()  # before READY: started means forwarding
     ping(b.host, ip["a"], deadline=20)
     ping_all_replies(b.host, ip["a"])
 

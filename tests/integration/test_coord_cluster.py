@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import sys
 import textwrap
 import time
@@ -240,3 +242,45 @@ def test_restart_every_coordinator_at_once_keeps_state(cl: CoordLab) -> None:
     for c in cl.coords:
         got = cl.ops(c, [["get", k] for k in keys])
         assert [g.get("value") for g in got] == [k.upper() for k in keys], c.name
+
+
+def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLab, tmp_path: Path) -> None:
+    """Type=notify: a coordinator sends READY=1 once it has applied what its cluster committed, so a rolling
+    `systemctl restart` waits for it. Restarted alone, with the other two down, it has no quorum to catch up
+    through and stays "starting"; a second member back makes a quorum, and READY=1 follows, at an index that
+    covers every write made while it was down, which its own (stale) reads then serve. STOPPING=1 on stop."""
+    c1, c2, c3 = cl.coords
+    keys = [f"late{i}" for i in range(30)]
+    c3.stop()
+    res = cl.ops([c1, c2], [["put", k, "v"] for k in keys])
+    assert all("error" not in r for r in res), res
+    last_write = max(r["revision"] for r in res)
+    c1.stop()
+    c2.stop()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+
+        def heard(timeout: float) -> dict[str, str]:
+            manager.settimeout(timeout)
+            data = manager.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.split("\n"))
+
+        c3.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        c3.wait_serving()
+        with pytest.raises(TimeoutError):
+            heard(5.0)  # serving, but not caught up: no quorum
+        c1.start()
+        ready = heard(30.0)
+        assert ready["READY"] == "1"
+        status = re.fullmatch(r".* serving on \S+; caught up to index (\d+)", ready["STATUS"])
+        assert status is not None, ready
+        assert int(status.group(1)) >= last_write
+        got = cl.ops(c3, [["sget", k] for k in keys])
+        assert [g.get("value") for g in got] == ["v"] * len(keys)
+        c3.stop()
+        assert heard(10.0)["STOPPING"] == "1"
+    for c in (c2, c3):
+        c.start()
+    for c in cl.coords:
+        c.wait_serving()
+    cl.wait_for(lambda s: s["leader"] and len(s["voters"]) == 3, timeout=20, what="all three back")

@@ -167,3 +167,11 @@ def test_service_install_writes_units_with_the_same_arguments(tmp_path: Path) ->
     )
     written = (tmp_path / "units" / "tunnelmesh-coord.service").read_text()
     assert coord_line in written and "[Install]" in written
+    units = [tmp_path / "units" / name for name in ("tunnelmesh-coord.service", "tunnelmesh-node.service")]
+    for unit in units:  # started once ready (see sdnotify): `systemctl start` and rolling restarts wait
+        assert "Type=notify\n" in unit.read_text(), unit
+    # systemd's own parser (no systemd needed to run): any setting it does not know is a warning on stderr.
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr

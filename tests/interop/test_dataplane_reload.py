@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +114,57 @@ def test_reload_applies_peer_changes_and_keeps_the_other_sessions(lab: Lab, tmp_
     assert "event=config_reloaded" in tm.proc.log_text()
     ping(h_tm, W1_IP)
     assert peers()[w1.pub]["latest_handshake"] == session
+
+
+def test_a_service_manager_hears_ready_reloading_and_stopping(lab: Lab, tmp_path: Path) -> None:
+    """Under systemd (``Type=notify``): READY=1 only once the interface is up with its address and answers
+    `show`; each reload (SIGHUP, `reload`, refused or not) is framed by RELOADING=1 (with MONOTONIC_USEC) and
+    READY=1; `down` sends STOPPING=1. The manager's socket is a real datagram socket, as systemd binds it."""
+    lan = lab.lan("l", "10.70.0.0/24")
+    host = lab.host("tm", lan)
+    tm = TmNode(host, f"tms{lab.id}", tmp_path, tmp_path / "run")
+    _, k1 = genkey()
+    _, k2 = genkey()
+    conf = tmp_path / f"{tm.iface}.conf"
+    conf.write_text(wg_quick_text(tm.key, f"{TM_IP}/24", [PeerSpec(k1, f"{W1_IP}/32")]))
+    conf.chmod(0o600)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(tmp_path / "notify"))
+        manager.settimeout(20)
+
+        def heard() -> dict[str, str]:
+            data = manager.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.split("\n"))
+
+        tm.proc = host.spawn(
+            [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
+            name=f"tm-{tm.iface}-{time.monotonic_ns()}",
+            env={**tm.env, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        )
+        ready = heard()
+        assert ready == {"READY": "1", "STATUS": f"interface {tm.iface} up, 1 peer(s)"}
+        addr = host.run(["ip", "-o", "addr", "show", "dev", tm.iface], timeout=10).stdout
+        assert f"inet {TM_IP}/24" in addr  # started means usable: addressed, routed, serving `show`
+        assert [p["public_key"] for p in tm.show()["peers"]] == [k1]
+
+        conf.write_text(
+            wg_quick_text(tm.key, f"{TM_IP}/24", [PeerSpec(k1, f"{W1_IP}/32"), PeerSpec(k2, f"{W2_IP}/32")])
+        )
+        os.kill(tm.proc.pid, signal.SIGHUP)
+        reloading = heard()
+        assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
+        assert heard() == {"READY": "1", "STATUS": f"interface {tm.iface} up, 2 peer(s)"}
+
+        conf.write_text(wg_quick_text(tm.key, "10.71.9.1/24", []))  # a new Address: refused
+        with pytest.raises(AssertionError, match="Address changed"):
+            tm.cli("reload", tm.iface)
+        assert heard()["RELOADING"] == "1"
+        again = heard()
+        assert again["READY"] == "1"
+        assert again["STATUS"].startswith(
+            f"interface {tm.iface} up, 2 peer(s); the last reload was refused: "
+        )
+
+        tm.down()
+        assert heard() == {"STOPPING": "1", "STATUS": f"taking {tm.iface} down"}
+    assert tm.proc.returncode == 0

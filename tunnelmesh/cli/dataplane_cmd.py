@@ -42,6 +42,7 @@ from typing import Any
 import click
 from prometheus_client import CollectorRegistry, Counter
 
+from tunnelmesh import sdnotify
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node import control, resolvconf, wgquick
 from tunnelmesh.node.dataplane import DataPlane, key_b64
@@ -137,6 +138,7 @@ def up(
             f"{plane.listen_port}, {len(cfg.peers)} peer(s)",
         )
         sys.stdout.flush()
+        sdnotify.ready(reloader.status())  # Type=notify units: started now, with routes, DNS and PostUp done
         while not stopping.wait(0.5):
             if reload_requested.is_set():
                 reload_requested.clear()
@@ -147,6 +149,7 @@ def up(
                     f"data plane {plane.name} failed: {'; '.join(plane.errors) or 'thread exited'}"
                 )
     finally:
+        sdnotify.stopping(f"taking {interface.name} down")
         server.close()
         if is_up:  # as wg-quick: the down hooks belong to an interface that came up
             down_failures += _run_hooks("PreDown", hooks.pre_down, interface.name, check=False)
@@ -187,14 +190,21 @@ class _Reloader:
     def __call__(self) -> dict[str, Any]:
         name = self._running.interface.name
         with self._lock:
+            sdnotify.reloading(f"interface {name}: reloading {self._path}")
             try:
                 result = self._reload()
             except TunnelMeshError as exc:
                 self._outcomes.labels(name, "refused").inc()
                 log.error("event=config_reload_refused path=%s reason=%r", self._path, str(exc))
+                sdnotify.ready(f"{self.status()}; the last reload was refused: {exc}")
                 raise
+            sdnotify.ready(self.status())
         self._outcomes.labels(name, "applied").inc()
         return result
+
+    def status(self) -> str:
+        """The one-line state ``systemctl status`` shows."""
+        return f"interface {self._running.interface.name} up, {len(self._running.peers)} peer(s)"
 
     def _reload(self) -> dict[str, Any]:
         name = self._running.interface.name

@@ -605,6 +605,11 @@ def _unit(description: str, argv: list[str], *, after: str = "", requires: str =
         f"Description={description}\n"
         f"{deps}"
         "\n[Service]\n"
+        # Started once ready (the node: its interface forwards; a coordinator: caught up with its cluster, or
+        # 60 s without a quorum), so `systemctl restart` of one coordinator after another waits for each.
+        "Type=notify\n"
+        "NotifyAccess=main\n"
+        "TimeoutStartSec=120\n"
         f"ExecStart={shlex.join(argv)}\n"
         "Restart=on-failure\n"
         "RestartSec=2\n"

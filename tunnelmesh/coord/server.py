@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tunnelmesh import client, hostaddr, pki
+from tunnelmesh import client, hostaddr, pki, sdnotify
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
 from tunnelmesh.api.v1 import (
     admin_pb2,
@@ -66,13 +66,22 @@ from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode
 from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
 from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage
 from tunnelmesh.coord.raft.transport import member_label
-from tunnelmesh.coord.service import AdminServicer, ClusterJoinServicer, Coordinator, KvServicer
+from tunnelmesh.coord.service import (
+    AdminServicer,
+    ClusterJoinServicer,
+    Coordinator,
+    KvServicer,
+    RequestFailed,
+)
 from tunnelmesh.coord.state import MeshState
 from tunnelmesh.errors import TunnelMeshError
 
 log = logging.getLogger(__name__)
 
 JOIN_SECRET_FILE = "join-secret"
+# Type=notify units: how long a coordinator waits to catch up with a quorum before it reports itself started
+# anyway (under systemd's 90 s start timeout, so a unit never restarts in a loop while a majority is down).
+READY_WAIT = 60.0
 RAFT_DIR = "raft"
 JOIN_SECRET_ENV = "TUNNELMESH_JOIN_SECRET"
 
@@ -497,20 +506,42 @@ class CoordinatorProcess:
             await edge.aclose()
             await public.stop(grace=0.5)
 
-    async def _announce_when_member(self, driver: Driver, announced: list[Any]) -> None:
-        """With ``--mdns``: announce once this coordinator is in the cluster's configuration (a joining one
-        only after its join committed), so that nobody on the LAN tries to join through a coordinator that is
-        not a member yet."""
+    @staticmethod
+    async def _until_member(driver: Driver) -> None:
+        """Return once this coordinator is in its cluster's configuration (joining: its join committed)."""
         member_id = driver.member_id
         while True:
             changed = driver.applied_changed  # taken before the check: no change is missed in between
             cs = driver.conf_state
             if member_id in cs.voters or member_id in cs.learners:
-                break
+                return
             await changed.wait()
-        announcer = await self._announce(driver.cluster_id, member_id)
+
+    async def _announce_when_member(self, driver: Driver, announced: list[Any]) -> None:
+        """With ``--mdns``: announce once this coordinator is a member, so that nobody on the LAN tries to
+        join through a coordinator that is not a member yet."""
+        await self._until_member(driver)
+        announcer = await self._announce(driver.cluster_id, driver.member_id)
         if announcer is not None:
             announced.append(announcer)
+
+    async def _notify_ready(self, driver: Driver, coord: Coordinator) -> None:
+        """Tell the service manager (``Type=notify``) this coordinator has started: once it is a member and
+        has applied everything its cluster had committed (a read barrier through the leader), so that a
+        rolling ``systemctl restart`` of one coordinator after another moves on only when the last one has
+        caught up. Without a quorum for ``READY_WAIT`` it reports started anyway, saying so (stale reads)."""
+        me = f"coordinator {member_label(driver.member_id)} of cluster {driver.cluster_id}"
+        where = f"{me} serving on {self.api_address}"
+        try:
+            async with asyncio.timeout(READY_WAIT):
+                await self._until_member(driver)
+                index = await coord.read_barrier(READY_WAIT)
+        except (TimeoutError, RequestFailed):
+            log.warning("event=coordinator_ready caught_up=false waited_seconds=%.0f", READY_WAIT)
+            sdnotify.ready(f"{where}; no quorum within {READY_WAIT:.0f} s: stale reads only until one forms")
+            return
+        log.info("event=coordinator_ready caught_up=true index=%d", index)
+        sdnotify.ready(f"{where}; caught up to index {index}")
 
     async def _announce(self, cluster_id: str, member_id: int) -> Any:
         """With ``--mdns``: announce this member (cluster id, member id, API address) so that new coordinators
@@ -551,6 +582,7 @@ class CoordinatorProcess:
                 tasks.append(tg.create_task(self._join(driver, me), name="join"))
             else:  # restarted with other addresses: the others must learn them
                 tasks.append(tg.create_task(coord.advertise(me), name="advertise"))
+            tasks.append(tg.create_task(self._notify_ready(driver, coord), name="ready"))
             if self.opts.mdns:
                 tasks.append(tg.create_task(self._announce_when_member(driver, announced), name="mdns"))
             if (self.data_dir / bootstrap.PENDING_FILE).exists():
@@ -563,6 +595,7 @@ class CoordinatorProcess:
             if removed.done():
                 _report_removed(driver)
             log.info("event=coordinator_stopping")
+            sdnotify.stopping(f"coordinator {member_label(driver.member_id)} stopping")
             for t in [*tasks, stopping, removed]:
                 t.cancel()
 

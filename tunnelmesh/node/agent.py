@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tunnelmesh import __version__, keyproof, pki
+from tunnelmesh import __version__, keyproof, pki, sdnotify
 from tunnelmesh.api.v1 import common_pb2, node_pb2, node_pb2_grpc
 from tunnelmesh.client import open_channel
 from tunnelmesh.config import split_host_port
@@ -407,11 +407,14 @@ class Agent:
                     "event=cached_config_applied version=%d peers=%d", self.config.version, len(self._applied)
                 )
             self._publish()
-            print(
+            up = (
                 f"node {self.node.name} ({self.node.node_id}) up on {self.plane.name}: mesh address "
-                f"{', '.join(self.node.mesh_addresses)}, UDP port {self.plane.listen_port}",
-                flush=True,
+                f"{', '.join(self.node.mesh_addresses)}, UDP port {self.plane.listen_port}"
             )
+            print(up, flush=True)
+            # Type=notify: started once the interface forwards (with the cached config, if any), not once a
+            # coordinator answers: with every coordinator down the node must still come up.
+            sdnotify.ready(up)
             try:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
@@ -428,6 +431,7 @@ class Agent:
             except* TunnelMeshError as eg:
                 raise eg.exceptions[0] from None
         finally:
+            sdnotify.stopping(f"node {self.node.name} stopping")
             await self._stop_optional()
             if self._channel is not None:
                 await self._channel.close()
