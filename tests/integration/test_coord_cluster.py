@@ -87,6 +87,12 @@ def test_cluster_forms_and_writes_through_any_member_land_everywhere(cl: CoordLa
         assert healthy == "yes" and lag.isdigit() and int(lag) < 50, out.stdout  # idle cluster: caught up
         assert contact == "-" if is_leader else float(contact.rstrip("s")) < 5, out.stdout
     assert sum(row[3] == "*" for row in rows) == 1
+    # The health check asked through a follower shows (and judges) the leader's view.
+    follower = next(c for c in cl.coords if c is not leader)
+    check = cl.client.run(
+        coord_argv("cluster", "status", "--check", "-c", follower.api), timeout=60, env=cl.client_env()
+    )
+    assert f"serving   {leader.member_id}" in check.stdout and "LAG" in check.stdout, check.stdout
 
 
 def test_kill_leader_new_leader_within_2s_and_no_acknowledged_write_lost(
@@ -269,6 +275,14 @@ def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLa
         c3.wait_serving()
         with pytest.raises(TimeoutError):
             heard(5.0)  # serving, but not caught up: no quorum
+        check = cl.client.run(
+            coord_argv("cluster", "status", "--check", "-c", c3.api),
+            timeout=60,
+            env=cl.client_env(),
+            check=False,
+        )
+        assert check.returncode == 1
+        assert "error: cluster unhealthy: no leader (an election in progress, or no quorum)" in check.stderr
         c1.start()
         ready = heard(30.0)
         assert ready["READY"] == "1"

@@ -135,3 +135,30 @@ def test_cluster_members_table_shows_lag_and_last_contact() -> None:
     assert rows[1].split() == ["bb", "learner", "-", "100", "2.5s"]
     assert rows[2].split() == ["cc", "voter", "-", "-", "-"]
     assert members_table([behind])[1].split() == ["bb", "learner", "-", "-", "2.5s"]  # no commit index
+
+
+def test_cluster_health_problems_in_the_leader_s_view() -> None:
+    """`cluster status --check`: unhealthy without a leader, or with a voter that does not answer it; a
+    learner still catching up is not a problem."""
+    from tunnelmesh.api.v1 import admin_pb2
+    from tunnelmesh.cli.cluster_cmd import health_problems
+
+    def member(mid: str, role: int, healthy: bool, contact_ms: int | None = None) -> admin_pb2.Member:
+        m = admin_pb2.Member(member_id=mid, role=role, healthy=healthy, is_leader=mid == "aa")
+        m.info.name = f"c-{mid}"
+        if contact_ms is not None:
+            m.last_contact_age.FromMilliseconds(contact_ms)
+        return m
+
+    voter, learner = admin_pb2.MEMBER_ROLE_VOTER, admin_pb2.MEMBER_ROLE_LEARNER
+    st = admin_pb2.GetClusterStatusResponse(leader_id="aa", member_id="aa")
+    st.members.extend([member("aa", voter, True), member("bb", voter, True), member("dd", learner, False)])
+    assert health_problems(st) == []
+    st.members.extend([member("cc", voter, False, 12_300), member("ee", voter, False)])
+    assert health_problems(st) == [
+        "voter cc (c-cc) last answered 12.3s ago",
+        "voter ee (c-ee) never answered",
+    ]
+    assert health_problems(admin_pb2.GetClusterStatusResponse(member_id="aa")) == [
+        "no leader (an election in progress, or no quorum)"
+    ]

@@ -5,6 +5,7 @@ Connection flags (--coord, --ca, --token, --data-dir, --profile): see cli/connec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 
 from tunnelmesh.api.v1 import admin_pb2
 from tunnelmesh.cli.connect import Connection, connection_options
+from tunnelmesh.errors import TunnelMeshError
 
 _ROLE = {admin_pb2.MEMBER_ROLE_VOTER: "voter", admin_pb2.MEMBER_ROLE_LEARNER: "learner"}
 
@@ -49,15 +51,67 @@ def cluster() -> None:
     """Coordinator cluster: status, members, leadership transfer, member removal, disaster recovery."""
 
 
+def health_problems(st: admin_pb2.GetClusterStatusResponse) -> list[str]:
+    """What makes the cluster unhealthy in ``st``, the leader's view: no leader, or a voter that does not
+    answer it. A learner still catching up is not a problem (a coordinator being added)."""
+    if not st.leader_id:
+        return ["no leader (an election in progress, or no quorum)"]
+    problems = []
+    for m in st.members:
+        if m.role == admin_pb2.MEMBER_ROLE_VOTER and not m.healthy:
+            seen = (
+                f"last answered {m.last_contact_age.ToTimedelta().total_seconds():.1f}s ago"
+                if m.HasField("last_contact_age")
+                else "never answered"
+            )
+            problems.append(f"voter {m.member_id} ({m.info.name or m.info.api_address}) {seen}")
+    return problems
+
+
+def _leader_status(
+    conn: Connection, st: admin_pb2.GetClusterStatusResponse
+) -> admin_pb2.GetClusterStatusResponse:
+    """``st`` as the leader sees it (health, lag and contact are its view): asked again from the leader."""
+    if not st.leader_id or st.member_id == st.leader_id:
+        return st
+    leader = next((m for m in st.members if m.is_leader and m.info.api_address), None)
+    if leader is None:
+        raise TunnelMeshError(f"cluster unhealthy: the leader {st.leader_id} has no API address on record")
+    try:
+        there: admin_pb2.GetClusterStatusResponse = dataclasses.replace(
+            conn, coordinators=leader.info.api_address
+        ).run(lambda c: c.cluster_status())
+    except TunnelMeshError as exc:
+        where = leader.info.api_address
+        raise TunnelMeshError(
+            f"cluster unhealthy: the leader {st.leader_id} does not answer at {where}: {exc}"
+        ) from None
+    return there
+
+
 @cluster.command("status")
 @connection_options
 @_json_option
-def status(conn: Connection, as_json: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check: show the leader's view and exit 1 (reasons on stderr) unless there is a leader "
+    "and every voter answers it.",
+)
+def status(conn: Connection, as_json: bool, check: bool) -> None:
     """Leader, term, commit/applied indexes and members, as the serving coordinator sees them."""
     st: admin_pb2.GetClusterStatusResponse = conn.run(lambda c: c.cluster_status())
+    if check:
+        st = _leader_status(conn, st)
     if as_json:
         click.echo(json.dumps(MessageToDict(st), indent=2))
-        return
+    else:
+        _print_status(st)
+    if check and (problems := health_problems(st)):
+        raise TunnelMeshError("cluster unhealthy: " + "; ".join(problems))
+
+
+def _print_status(st: admin_pb2.GetClusterStatusResponse) -> None:
     click.echo(f"cluster   {st.cluster_id}")
     click.echo(f"serving   {st.member_id}")
     click.echo(f"leader    {st.leader_id or '(none: election in progress or no quorum)'}")
