@@ -175,3 +175,20 @@ def test_service_install_writes_units_with_the_same_arguments(tmp_path: Path) ->
         ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=60
     )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+
+
+def test_the_dataplane_unit_in_the_docs_passes_systemd_s_checks(tmp_path: Path) -> None:
+    """docs/dataplane.md's `tunnelmesh-dataplane@.service`, as a user would install it (the executable put
+    where this machine has it): systemd's parser accepts every line."""
+    text = (ROOT / "docs" / "dataplane.md").read_text()
+    block = re.search(r"```ini\n(\[Unit\]\nDescription=TunnelMesh data plane %i\n.*?)```", text, re.S)
+    assert block is not None, "the unit is gone from docs/dataplane.md"
+    assert "Type=notify\n" in block.group(1) and "ExecReload=" in block.group(1)
+    unit = tmp_path / "tunnelmesh-dataplane@tm0.service"
+    unit.write_text(
+        block.group(1).replace("/usr/local/bin/tunnelmesh", f"{sys.executable} -m tunnelmesh.cli.main")
+    )
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
