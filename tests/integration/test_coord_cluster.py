@@ -274,7 +274,7 @@ def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLa
         c3.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
         c3.wait_serving()
         with pytest.raises(TimeoutError):
-            heard(5.0)  # serving, but not caught up: no quorum
+            heard(3.0)  # serving, but not caught up: no quorum
         check = cl.client.run(
             coord_argv("cluster", "status", "--check", "-c", c3.api),
             timeout=60,
