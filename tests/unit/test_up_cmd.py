@@ -99,7 +99,9 @@ def test_units_bootstrap_only_a_fresh_data_dir_and_hold_no_secret(tmp_path: Path
     s = Settings("0.0.0.0:8443", "192.0.2.1", "tm0")
     units = service_units(layout, s)
     assert "--bootstrap" in units["tunnelmesh-coord.service"]
-    assert "After=network-online.target tunnelmesh-coord.service" in units["tunnelmesh-node.service"]
+    # Started with the coordinator, not after it is ready: the data plane must not wait for a quorum.
+    assert "Wants=tunnelmesh-coord.service" in units["tunnelmesh-node.service"]
+    assert "After=network-online.target\n" in units["tunnelmesh-node.service"]
     (layout.coord_dir / "raft").mkdir(parents=True)
     assert "--bootstrap" not in service_units(layout, s)["tunnelmesh-coord.service"]
     assert all("--token" not in u for u in units.values())

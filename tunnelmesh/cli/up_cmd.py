@@ -595,10 +595,10 @@ def down(data_dir: Path | None, purge: bool, timeout: float) -> None:
 # systemd units
 
 
-def _unit(description: str, argv: list[str], *, after: str = "", requires: str = "") -> str:
-    deps = f"After=network-online.target{(' ' + after) if after else ''}\nWants=network-online.target\n"
-    if requires:
-        deps += f"Wants={requires}\n"
+def _unit(description: str, argv: list[str], *, wants: str = "") -> str:
+    deps = "After=network-online.target\nWants=network-online.target\n"
+    if wants:
+        deps += f"Wants={wants}\n"
     return (
         "# Written by `tunnelmesh service install`; re-run it to rewrite.\n"
         "[Unit]\n"
@@ -624,12 +624,9 @@ def service_units(layout: Layout, s: Settings) -> dict[str, str]:
     exe = tunnelmesh_argv()
     coord = _unit("TunnelMesh coordinator", [*exe, *coord_argv(layout, s)])
     # No token in the unit (unit files are world-readable): the node starts from its registered state dir.
-    node = _unit(
-        "TunnelMesh node",
-        [*exe, *node_argv(layout, s, None)],
-        after="tunnelmesh-coord.service",
-        requires="tunnelmesh-coord.service",
-    )
+    # Not After= the coordinator: that would hold the data plane back until the coordinator is ready (up to
+    # 60 s without a quorum), and the node forwards with its cached config and retries the coordinator anyway.
+    node = _unit("TunnelMesh node", [*exe, *node_argv(layout, s, None)], wants="tunnelmesh-coord.service")
     return {"tunnelmesh-coord.service": coord, "tunnelmesh-node.service": node}
 
 
