@@ -6,6 +6,10 @@ start`` returns, and units ordered after it start, when the tunnel is up or the 
 not when the process merely exists. ``RELOADING=1`` (with ``MONOTONIC_USEC``, which ``Type=notify-reload``
 needs) and ``STOPPING=1`` frame reloads and shutdown; ``STATUS=`` is the line ``systemctl status`` shows.
 
+With ``WatchdogSec=`` in the unit, systemd sets ``$WATCHDOG_USEC`` and kills a service that does not send
+``WATCHDOG=1`` that often: ``watchdog`` pings from the event loop (or the loop given), so a loop that is stuck
+stops pinging and gets the service restarted.
+
 Without ``$NOTIFY_SOCKET`` (no service manager, or ``Type=simple``) every call is a no-op. A notification
 that cannot be sent is logged and dropped: the service keeps running, and systemd's start timeout says the
 rest.
@@ -13,12 +17,14 @@ rest.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 
-__all__ = ["notify", "ready", "reloading", "stopping"]
+__all__ = ["notify", "ready", "reloading", "stopping", "watchdog", "watchdog_interval"]
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +68,21 @@ def reloading(status: str) -> bool:
 
 def stopping(status: str) -> bool:
     return notify("STOPPING=1", f"STATUS={status}")
+
+
+def watchdog_interval(env: Mapping[str, str] = os.environ) -> float | None:
+    """Seconds between two ``WATCHDOG=1`` (half of ``WatchdogSec``, as sd_watchdog_enabled(3) advises), or
+    None without a watchdog for this process (``$WATCHDOG_PID``, if set, names the process meant)."""
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+async def watchdog(interval: float) -> None:
+    """Ping the watchdog every ``interval`` seconds until cancelled. A task of the loop being watched: when
+    that loop is stuck, the pings stop."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)

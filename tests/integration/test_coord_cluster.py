@@ -254,7 +254,8 @@ def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLa
     """Type=notify: a coordinator sends READY=1 once it has applied what its cluster committed, so a rolling
     `systemctl restart` waits for it. Restarted alone, with the other two down, it has no quorum to catch up
     through and stays "starting"; a second member back makes a quorum, and READY=1 follows, at an index that
-    covers every write made while it was down, which its own (stale) reads then serve. STOPPING=1 on stop."""
+    covers every write made while it was down, which its own (stale) reads then serve. STOPPING=1 on stop; the
+    watchdog (WatchdogSec) is pinged all along."""
     c1, c2, c3 = cl.coords
     keys = [f"late{i}" for i in range(30)]
     c3.stop()
@@ -266,12 +267,20 @@ def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLa
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(str(tmp_path / "notify"))
 
-        def heard(timeout: float) -> dict[str, str]:
-            manager.settimeout(timeout)
-            data = manager.recv(4096).decode()
-            return dict(line.split("=", 1) for line in data.split("\n"))
+        watchdog_pings = 0
 
-        c3.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        def heard(timeout: float) -> dict[str, str]:
+            """The next notification within ``timeout`` s; the watchdog's pings in between are counted."""
+            nonlocal watchdog_pings
+            deadline = time.monotonic() + timeout
+            while True:
+                manager.settimeout(max(0.01, deadline - time.monotonic()))
+                data = manager.recv(4096).decode()
+                if data != "WATCHDOG=1":
+                    return dict(line.split("=", 1) for line in data.split("\n"))
+                watchdog_pings += 1
+
+        c3.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"})
         c3.wait_serving()
         with pytest.raises(TimeoutError):
             heard(3.0)  # serving, but not caught up: no quorum
@@ -293,6 +302,7 @@ def test_a_restarted_coordinator_reports_started_only_once_caught_up(cl: CoordLa
         assert [g.get("value") for g in got] == ["v"] * len(keys)
         c3.stop()
         assert heard(10.0)["STOPPING"] == "1"
+    assert watchdog_pings >= 6  # WatchdogSec=1: every half second, from the start, without a quorum too
     for c in (c2, c3):
         c.start()
     for c in cl.coords:

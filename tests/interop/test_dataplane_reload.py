@@ -119,7 +119,8 @@ def test_reload_applies_peer_changes_and_keeps_the_other_sessions(lab: Lab, tmp_
 def test_a_service_manager_hears_ready_reloading_and_stopping(lab: Lab, tmp_path: Path) -> None:
     """Under systemd (``Type=notify``): READY=1 only once the interface is up with its address and answers
     `show`; each reload (SIGHUP, `reload`, refused or not) is framed by RELOADING=1 (with MONOTONIC_USEC) and
-    READY=1; `down` sends STOPPING=1. The manager's socket is a real datagram socket, as systemd binds it."""
+    READY=1; `down` sends STOPPING=1; with WatchdogSec the watchdog is pinged meanwhile. The manager's socket
+    is a real datagram socket, as systemd binds it."""
     lan = lab.lan("l", "10.70.0.0/24")
     host = lab.host("tm", lan)
     tm = TmNode(host, f"tms{lab.id}", tmp_path, tmp_path / "run")
@@ -132,14 +133,19 @@ def test_a_service_manager_hears_ready_reloading_and_stopping(lab: Lab, tmp_path
         manager.bind(str(tmp_path / "notify"))
         manager.settimeout(20)
 
+        watchdog_pings = 0
+
         def heard() -> dict[str, str]:
-            data = manager.recv(4096).decode()
+            """The next notification; the watchdog's pings in between are counted."""
+            nonlocal watchdog_pings
+            while (data := manager.recv(4096).decode()) == "WATCHDOG=1":
+                watchdog_pings += 1
             return dict(line.split("=", 1) for line in data.split("\n"))
 
         tm.proc = host.spawn(
             [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
             name=f"tm-{tm.iface}-{time.monotonic_ns()}",
-            env={**tm.env, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            env={**tm.env, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000"},
         )
         ready = heard()
         assert ready == {"READY": "1", "STATUS": f"interface {tm.iface} up, 1 peer(s)"}
@@ -165,6 +171,8 @@ def test_a_service_manager_hears_ready_reloading_and_stopping(lab: Lab, tmp_path
             f"interface {tm.iface} up, 2 peer(s); the last reload was refused: "
         )
 
+        time.sleep(1.5)
         tm.down()
         assert heard() == {"STOPPING": "1", "STATUS": f"taking {tm.iface} down"}
     assert tm.proc.returncode == 0
+    assert watchdog_pings >= 3  # WatchdogSec=1: a ping every half second while up

@@ -3,6 +3,7 @@ it: a path, or a name in the abstract namespace (``@``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -71,3 +72,40 @@ def test_a_manager_that_cannot_be_reached_is_logged_not_raised(
     with caplog.at_level(logging.WARNING, logger="tunnelmesh.sdnotify"):
         assert not sdnotify.ready("up")
     assert "event=sd_notify_failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("env", "interval"),
+    [
+        ({}, None),
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),  # half of WatchdogSec=30
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+    ],
+)
+def test_watchdog_interval_is_half_the_unit_s_timeout(env: dict[str, str], interval: float | None) -> None:
+    assert sdnotify.watchdog_interval(env) == interval
+
+
+async def test_the_watchdog_stops_pinging_while_its_loop_is_stuck(manager: socket.socket) -> None:
+    manager.setblocking(False)
+
+    def pings() -> int:
+        n = 0
+        while True:
+            try:
+                assert manager.recv(64) == b"WATCHDOG=1"
+            except BlockingIOError:
+                return n
+            n += 1
+
+    task = asyncio.create_task(sdnotify.watchdog(0.05))
+    await asyncio.sleep(0.3)
+    assert pings() >= 3
+    time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop is stuck, nothing runs its tasks
+    assert pings() == 0
+    await asyncio.sleep(0.15)
+    assert pings() >= 1
+    task.cancel()

@@ -139,7 +139,11 @@ def up(
         )
         sys.stdout.flush()
         sdnotify.ready(reloader.status())  # Type=notify units: started now, with routes, DNS and PostUp done
-        while not stopping.wait(0.5):
+        watchdog, next_ping = sdnotify.watchdog_interval(), 0.0
+        while not stopping.wait(0.5 if watchdog is None else min(0.5, watchdog)):
+            if watchdog is not None and plane.running and time.monotonic() >= next_ping:
+                sdnotify.notify("WATCHDOG=1")  # WatchdogSec= in the unit: only while the packet threads run
+                next_ping = time.monotonic() + watchdog
             if reload_requested.is_set():
                 reload_requested.clear()
                 with contextlib.suppress(TunnelMeshError):  # logged by the reloader

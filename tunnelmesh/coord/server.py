@@ -583,6 +583,8 @@ class CoordinatorProcess:
             else:  # restarted with other addresses: the others must learn them
                 tasks.append(tg.create_task(coord.advertise(me), name="advertise"))
             tasks.append(tg.create_task(self._notify_ready(driver, coord), name="ready"))
+            if (interval := sdnotify.watchdog_interval()) is not None:  # WatchdogSec= in the unit
+                tasks.append(tg.create_task(sdnotify.watchdog(interval), name="watchdog"))
             if self.opts.mdns:
                 tasks.append(tg.create_task(self._announce_when_member(driver, announced), name="mdns"))
             if (self.data_dir / bootstrap.PENDING_FILE).exists():

@@ -422,6 +422,8 @@ class Agent:
                         tg.create_task(self._report_loop(), name="report"),
                         tg.create_task(self._housekeeping(), name="housekeeping"),
                     ]
+                    if (interval := sdnotify.watchdog_interval()) is not None:  # WatchdogSec= in the unit
+                        tasks.append(tg.create_task(sdnotify.watchdog(interval), name="watchdog"))
                     await self._stop.wait()
                     for t in tasks:
                         t.cancel()
