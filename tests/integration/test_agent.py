@@ -322,8 +322,9 @@ def test_agents_build_the_mesh_follow_changes_and_survive_the_coordinator(
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
         manager.bind(str(tmp_path / "notify"))
         manager.settimeout(30)
-        b.restart(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        b.restart(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"})
         ready = dict(line.split("=", 1) for line in manager.recv(4096).decode().split("\n"))
+        assert manager.recv(4096) == b"WATCHDOG=1"  # WatchdogSec=2: pinged from the agent's event loop
     assert ready["READY"] == "1" and f"up on {b.iface}: mesh address {ip['b']}" in ready["STATUS"], ready
     assert "event=cached_config_applied" in b.log()  # before READY: started means forwarding
     ping(b.host, ip["a"], deadline=20)
