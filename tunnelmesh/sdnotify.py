@@ -7,8 +7,8 @@ not when the process merely exists. ``RELOADING=1`` (with ``MONOTONIC_USEC``, wh
 needs) and ``STOPPING=1`` frame reloads and shutdown; ``STATUS=`` is the line ``systemctl status`` shows.
 
 With ``WatchdogSec=`` in the unit, systemd sets ``$WATCHDOG_USEC`` and kills a service that does not send
-``WATCHDOG=1`` that often: ``watchdog`` pings from the event loop (or the loop given), so a loop that is stuck
-stops pinging and gets the service restarted.
+``WATCHDOG=1`` that often: ``watchdog`` pings from the event loop it runs on, so a loop that is stuck stops
+pinging and gets the service restarted.
 
 Without ``$NOTIFY_SOCKET`` (no service manager, or ``Type=simple``) every call is a no-op. A notification
 that cannot be sent is logged and dropped: the service keeps running, and systemd's start timeout says the

@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 
 JOIN_SECRET_FILE = "join-secret"
 # Type=notify units: how long a coordinator waits to catch up with a quorum before it reports itself started
-# anyway (under systemd's 90 s start timeout, so a unit never restarts in a loop while a majority is down).
+# anyway (under the units' start timeout, 120 s, and systemd's default, 90 s: so a unit never restarts in a
+# loop while a majority is down).
 READY_WAIT = 60.0
 RAFT_DIR = "raft"
 JOIN_SECRET_ENV = "TUNNELMESH_JOIN_SECRET"

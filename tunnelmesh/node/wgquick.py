@@ -221,8 +221,8 @@ def interface_name_for(path: str | os.PathLike[str]) -> str:
 
 
 def resolution_retries(env: Mapping[str, str] = os.environ) -> int | None:
-    """How many times a transient failure to resolve an ``Endpoint`` host is retried: ``$WG_ENDPOINT_
-    RESOLUTION_RETRIES`` (a number, or ``infinity``: None), default 15."""
+    """How many times a transient failure to resolve an ``Endpoint`` host is retried, from
+    ``$WG_ENDPOINT_RESOLUTION_RETRIES`` (a number, or ``infinity``: None); 15 if unset."""
     value = env.get(RESOLUTION_RETRIES_ENV, "").strip()
     if not value:
         return DEFAULT_RESOLUTION_RETRIES
