@@ -539,7 +539,10 @@ class CoordinatorProcess:
                 index = await coord.read_barrier(READY_WAIT)
         except (TimeoutError, RequestFailed):
             log.warning("event=coordinator_ready caught_up=false waited_seconds=%.0f", READY_WAIT)
-            sdnotify.ready(f"{where}; no quorum within {READY_WAIT:.0f} s: stale reads only until one forms")
+            sdnotify.ready(
+                f"{where}; not caught up within {READY_WAIT:.0f} s (no quorum, or no answer from the "
+                "leader): stale reads only until it is"
+            )
             return
         log.info("event=coordinator_ready caught_up=true index=%d", index)
         sdnotify.ready(f"{where}; caught up to index {index}")
