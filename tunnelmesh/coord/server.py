@@ -507,45 +507,13 @@ class CoordinatorProcess:
             await edge.aclose()
             await public.stop(grace=0.5)
 
-    @staticmethod
-    async def _until_member(driver: Driver) -> None:
-        """Return once this coordinator is in its cluster's configuration (joining: its join committed)."""
-        member_id = driver.member_id
-        while True:
-            changed = driver.applied_changed  # taken before the check: no change is missed in between
-            cs = driver.conf_state
-            if member_id in cs.voters or member_id in cs.learners:
-                return
-            await changed.wait()
-
     async def _announce_when_member(self, driver: Driver, announced: list[Any]) -> None:
         """With ``--mdns``: announce once this coordinator is a member, so that nobody on the LAN tries to
         join through a coordinator that is not a member yet."""
-        await self._until_member(driver)
+        await until_member(driver)
         announcer = await self._announce(driver.cluster_id, driver.member_id)
         if announcer is not None:
             announced.append(announcer)
-
-    async def _notify_ready(self, driver: Driver, coord: Coordinator) -> None:
-        """Tell the service manager (``Type=notify``) this coordinator has started: once it is a member and
-        has applied everything its cluster had committed (a read barrier through the leader), so that a
-        rolling ``systemctl restart`` of one coordinator after another moves on only when the last one has
-        caught up. Without a quorum for ``READY_WAIT`` it reports started anyway, saying so (stale reads)."""
-        me = f"coordinator {member_label(driver.member_id)} of cluster {driver.cluster_id}"
-        where = f"{me} serving on {self.api_address}"
-        try:
-            async with asyncio.timeout(READY_WAIT):
-                await self._until_member(driver)
-                index = await coord.read_barrier(READY_WAIT)
-        except (TimeoutError, RequestFailed):
-            log.warning("event=coordinator_ready caught_up=false waited_seconds=%.0f", READY_WAIT)
-            sdnotify.ready(
-                f"{where}; not caught up within {READY_WAIT:.0f} s (no quorum, or no answer from the "
-                "leader): stale reads only until it is"
-            )
-            return
-        log.info("event=coordinator_ready caught_up=true index=%d", index)
-        sdnotify.ready(f"{where}; caught up to index {index}")
 
     async def _announce(self, cluster_id: str, member_id: int) -> Any:
         """With ``--mdns``: announce this member (cluster id, member id, API address) so that new coordinators
@@ -586,7 +554,7 @@ class CoordinatorProcess:
                 tasks.append(tg.create_task(self._join(driver, me), name="join"))
             else:  # restarted with other addresses: the others must learn them
                 tasks.append(tg.create_task(coord.advertise(me), name="advertise"))
-            tasks.append(tg.create_task(self._notify_ready(driver, coord), name="ready"))
+            tasks.append(tg.create_task(notify_ready(driver, coord, self.api_address), name="ready"))
             if (interval := sdnotify.watchdog_interval()) is not None:  # WatchdogSec= in the unit
                 tasks.append(tg.create_task(sdnotify.watchdog(interval), name="watchdog"))
             if self.opts.mdns:
@@ -643,6 +611,41 @@ class CoordinatorProcess:
         for n in ["", *names[:4]]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
         return server
+
+
+async def until_member(driver: Driver) -> None:
+    """Return once this coordinator is in its cluster's configuration (joining: its join committed)."""
+    member_id = driver.member_id
+    while True:
+        changed = driver.applied_changed  # taken before the check: no change is missed in between
+        cs = driver.conf_state
+        if member_id in cs.voters or member_id in cs.learners:
+            return
+        await changed.wait()
+
+
+async def notify_ready(
+    driver: Driver, coord: Coordinator, api_address: str, wait: float = READY_WAIT
+) -> None:
+    """Tell the service manager (``Type=notify``) this coordinator has started: once it is a member and has
+    applied everything its cluster had committed (a read barrier through the leader), so that a rolling
+    ``systemctl restart`` of one coordinator after another moves on only when the last one has caught up.
+    Not caught up after ``wait`` seconds, it reports started anyway, saying so (it serves stale reads)."""
+    me = f"coordinator {member_label(driver.member_id)} of cluster {driver.cluster_id}"
+    where = f"{me} serving on {api_address}"
+    try:
+        async with asyncio.timeout(wait):
+            await until_member(driver)
+            index = await coord.read_barrier(wait)
+    except (TimeoutError, RequestFailed):
+        log.warning("event=coordinator_ready caught_up=false waited_seconds=%g", wait)
+        sdnotify.ready(
+            f"{where}; not caught up within {wait:g} s (no quorum, or no answer from the leader): stale "
+            "reads only until it is"
+        )
+        return
+    log.info("event=coordinator_ready caught_up=true index=%d", index)
+    sdnotify.ready(f"{where}; caught up to index {index}")
 
 
 def _report_removed(driver: Driver) -> None:
