@@ -7,6 +7,7 @@ run, say so and exit non-zero: a user must never mistake a silent stub for a wor
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -14,19 +15,6 @@ import click
 from rich.console import Console
 
 from tunnelmesh import __version__
-from tunnelmesh.cli.cluster_cmd import cluster
-from tunnelmesh.cli.config_cmd import config
-from tunnelmesh.cli.coord_cmd import coord
-from tunnelmesh.cli.dataplane_cmd import dataplane
-from tunnelmesh.cli.demo_cmd import demo
-from tunnelmesh.cli.join_cmd import join
-from tunnelmesh.cli.netlab_cmd import netlab
-from tunnelmesh.cli.node_cmd import node
-from tunnelmesh.cli.nodes_cmd import nodes
-from tunnelmesh.cli.status_cmd import status
-from tunnelmesh.cli.tokens_cmd import tokens
-from tunnelmesh.cli.up_cmd import down, service, up
-from tunnelmesh.cli.version_cmd import version
 from tunnelmesh.errors import NotBuiltError, TunnelMeshError
 
 # Exit codes: 1 for a TunnelMesh error the user can fix, 3 for a command that is not built yet,
@@ -41,6 +29,26 @@ _stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # never re-wrap
 _ORDER = ["up", "down", "service", "coord", "join", "node", "status", "nodes", "tokens", "cluster"]
 _ORDER += ["dataplane", "policy", "export", "federation", "s3", "nfs", "demo", "chaos"]
 _ORDER += ["config", "netlab", "version"]
+
+# Built commands: where each lives. A command's module (and what it imports: gRPC, the coordinator, the data
+# plane) is loaded only when that command runs, so `tunnelmesh dataplane show` does not pay for the rest.
+_BUILT: dict[str, tuple[str, str]] = {
+    "up": ("tunnelmesh.cli.up_cmd", "up"),
+    "down": ("tunnelmesh.cli.up_cmd", "down"),
+    "service": ("tunnelmesh.cli.up_cmd", "service"),
+    "coord": ("tunnelmesh.cli.coord_cmd", "coord"),
+    "join": ("tunnelmesh.cli.join_cmd", "join"),
+    "node": ("tunnelmesh.cli.node_cmd", "node"),
+    "status": ("tunnelmesh.cli.status_cmd", "status"),
+    "nodes": ("tunnelmesh.cli.nodes_cmd", "nodes"),
+    "tokens": ("tunnelmesh.cli.tokens_cmd", "tokens"),
+    "cluster": ("tunnelmesh.cli.cluster_cmd", "cluster"),
+    "dataplane": ("tunnelmesh.cli.dataplane_cmd", "dataplane"),
+    "demo": ("tunnelmesh.cli.demo_cmd", "demo"),
+    "config": ("tunnelmesh.cli.config_cmd", "config"),
+    "netlab": ("tunnelmesh.cli.netlab_cmd", "netlab"),
+    "version": ("tunnelmesh.cli.version_cmd", "version"),
+}
 
 # Groups not built yet: (one-line help, issue that builds it; 0 = not filed yet).
 _PLANNED: dict[str, tuple[str, int]] = {
@@ -71,10 +79,19 @@ def _planned_command(name: str, help_text: str, issue: int) -> click.Command:
 
 
 class _ProductGroup(click.Group):
-    """Lists commands in registration order (the product's order), not alphabetically."""
+    """Lists commands in the product's order, not alphabetically, and loads each one when it is asked for."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)
+        return list(_ORDER)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _BUILT:
+            module, attr = _BUILT[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        if cmd_name in _PLANNED:
+            return _planned_command(cmd_name, *_PLANNED[cmd_name])
+        return None
 
 
 @click.group(cls=_ProductGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,35 +115,6 @@ def cli(log_level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-
-
-def _register_commands(group: click.Group) -> None:
-    built: dict[str, click.Command] = {
-        "up": up,
-        "down": down,
-        "service": service,
-        "demo": demo,
-        "coord": coord,
-        "join": join,
-        "node": node,
-        "status": status,
-        "nodes": nodes,
-        "tokens": tokens,
-        "cluster": cluster,
-        "dataplane": dataplane,
-        "config": config,
-        "netlab": netlab,
-        "version": version,
-    }
-    for name in _ORDER:
-        if name in built:
-            group.add_command(built[name], name)
-        else:
-            help_text, issue = _PLANNED[name]
-            group.add_command(_planned_command(name, help_text, issue), name)
-
-
-_register_commands(cli)
 
 
 def run_cli(entry: click.Command, args: list[str] | None = None) -> int:
