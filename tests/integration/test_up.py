@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tunnelmesh.cli.up_cmd import tunnelmesh_argv
 from tunnelmesh.netlab import Host, Lab
 from tunnelmesh.netlab.procfs import process_start_time
 
@@ -185,9 +187,7 @@ def test_the_dataplane_unit_in_the_docs_passes_systemd_s_checks(tmp_path: Path) 
     assert block is not None, "the unit is gone from docs/dataplane.md"
     assert "Type=notify\n" in block.group(1) and "ExecReload=" in block.group(1)
     unit = tmp_path / "tunnelmesh-dataplane@tm0.service"
-    unit.write_text(
-        block.group(1).replace("/usr/local/bin/tunnelmesh", f"{sys.executable} -m tunnelmesh.cli.main")
-    )
+    unit.write_text(block.group(1).replace("/usr/local/bin/tunnelmesh", shlex.join(tunnelmesh_argv())))
     verify = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
