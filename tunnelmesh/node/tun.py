@@ -302,8 +302,7 @@ class TunDevice:
 
     def read_into(self, buf: bytearray | memoryview) -> int:
         """Read one (super-)packet into ``buf`` (virtio_net_hdr first if ``vnet_hdr``). Returns its length, or
-        0
-        if nothing is pending. ``buf`` should hold ``MAX_READ`` bytes; the kernel truncates otherwise."""
+        0 if nothing is pending. ``buf`` should hold ``MAX_READ`` bytes; the kernel truncates otherwise."""
         try:
             return os.readv(self._fd, (buf,))
         except BlockingIOError:
