@@ -26,11 +26,11 @@ Fairness: both systems are driven by the same client stack, Python ``grpc.aio`` 
 etcd, stubs generated at start from ``bench/etcd_kv.proto`` into the temporary directory: no third-party
 etcd library), and the clients run in separate processes (one per 64 clients) so the client's GIL does not
 starve a server. Both are served over TLS (etcd with a certificate from a throwaway CA made at start, as a
-production etcd would be); one difference remains, against TunnelMesh: it checks a bearer token per call,
-while etcd runs without auth. Clients send to the leader of each cluster (``--target follower``
-or ``all``: to the followers, or to every member; followers forward), over one TCP connection per 16
-clients. The servers,
-the clients and everything else on the machine share its CPUs: on a 2-core machine the Python coordinators
+production etcd would be), and the members of both replicate over mutual TLS. One difference remains,
+against TunnelMesh: it checks a bearer token per call, while etcd runs without auth. Clients send to the
+leader of each cluster (``--target follower`` or ``all``: to the followers, or to every member; followers
+forward), over one TCP connection per 16 clients. The servers, the clients and everything else on the
+machine share its CPUs: on a 2-core machine the Python coordinators
 and etcd compete with the Python clients for the same cores, equally for both systems, and a saturated
 client stack caps both (see the client CPU figures).
 
@@ -453,7 +453,7 @@ class EtcdCluster:
         cert, key = self._tls_files()
         ports = free_ports(9)
         names = [f"e{i + 1}" for i in range(3)]
-        peer = {n: f"http://127.0.0.1:{ports[3 + i]}" for i, n in enumerate(names)}
+        peer = {n: f"https://127.0.0.1:{ports[3 + i]}" for i, n in enumerate(names)}
         initial = ",".join(f"{n}={u}" for n, u in peer.items())
         token = f"bench-{os.getpid()}-{time.time_ns()}"
         for i, n in enumerate(names):
@@ -473,6 +473,11 @@ class EtcdCluster:
                 f"--initial-cluster={initial}",
                 f"--initial-cluster-token={token}",
                 "--initial-cluster-state=new",
+                # Members replicate over mutual TLS, as TunnelMesh's coordinators must (issue 4 item 3).
+                f"--peer-cert-file={cert}",
+                f"--peer-key-file={key}",
+                f"--peer-trusted-ca-file={self.ca_file}",
+                "--peer-client-cert-auth",
                 "--logger=zap",
                 "--log-level=warn",
             ]
@@ -493,7 +498,8 @@ class EtcdCluster:
         return self.dir / "ca.crt"
 
     def _tls_files(self) -> tuple[Path, Path]:
-        """A throwaway CA and a server certificate for 127.0.0.1: etcd is reached over TLS, as TunnelMesh."""
+        """A throwaway CA and a certificate for 127.0.0.1 (server and client use): etcd is reached over TLS
+        and its members authenticate each other with it, as TunnelMesh's coordinators do."""
         from tunnelmesh import pki
 
         ca = pki.create_ca("etcd-bench")
