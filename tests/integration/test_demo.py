@@ -4,11 +4,13 @@ checks all-pairs connectivity; runs in the default CI profile (not marked slow) 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,35 +61,56 @@ def test_demo_check_fails_with_a_reason_when_the_world_cannot_be_built(tmp_path:
     assert (tmp_path / "demo" / "logs").is_dir()  # logs kept for the post-mortem
 
 
+NODES = ("office-a", "office-b", "home", "sym-a", "sym-b", "corp")
+
+
+def _shows_the_world(out: str) -> bool:
+    """A frame of the live view with the coordinators' leader and every node's mesh IP."""
+    flat = out.replace("│", " ")
+    return bool(re.search(r"c[123] +\S+ +leader", flat)) and all(
+        re.search(rf"{node} .*100\.64\.\d+\.\d+", flat) for node in NODES
+    )
+
+
 def test_demo_live_view_shows_the_world_and_ctrl_c_tears_it_down(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     argv = [sys.executable, "-c", "from tunnelmesh.cli.main import main; main()", "demo"]
     argv += ["--timeout", str(DEMO_DEADLINE), "--work-dir", str(work)]
+    # As in a terminal (rich's TTY_* variables), so the live view redraws into the pipe as it does on screen.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env |= {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    stdout = proc.stdout
+    assert isinstance(stdout, io.BufferedReader)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: stdout.read1(65536), b"")))
+    reader.start()
+
+    def output() -> str:
+        return b"".join(list(chunks)).decode(errors="replace")
+
     try:
-        # Ctrl-C once every node has joined (its log says so) and the live view has had a few refreshes.
+        # Ctrl-C once every node has joined (its log says so) and a frame of the live view shows them all.
         deadline = time.monotonic() + DEMO_DEADLINE
-        logs = [
-            work / "logs" / f"{n}-node.log"
-            for n in ("office-a", "office-b", "home", "sym-a", "sym-b", "corp")
-        ]
+        logs = [work / "logs" / f"{n}-node.log" for n in NODES]
         while not all(f.exists() and "joined mesh" in f.read_text() for f in logs):
-            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert proc.poll() is None, output()[-4000:]
             assert time.monotonic() < deadline, "the demo's nodes did not join in time"
             time.sleep(1)
-        time.sleep(15)
+        frame_deadline = time.monotonic() + 60
+        while not _shows_the_world(output()):
+            assert proc.poll() is None, output()[-4000:]
+            assert time.monotonic() < frame_deadline, f"no frame showed every node: {output()[-4000:]}"
+            time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=90)
+        proc.wait(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
+        reader.join(timeout=10)
+    out = output()
     assert proc.returncode == 0, out[-4000:]
     assert "tearing down" in out
-    # The last frame of the live view: the coordinators with a leader, every node with a mesh IP.
-    assert re.search(r"c[123] +\S+ +leader", out.replace("│", " ")), out[-4000:]
-    for node in ("office-a", "office-b", "home", "sym-a", "sym-b", "corp"):
-        assert re.search(rf"{node} .*100\.64\.\d+\.\d+", out.replace("│", " ")), out[-4000:]
     lab_ids = set(re.findall(r"network: lab ([0-9a-f]{6})\b", out))
     leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert lab_ids and not any(f"tm{i}" in leftover for i in lab_ids), (lab_ids, leftover)
