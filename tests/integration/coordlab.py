@@ -28,6 +28,7 @@ from typing import Any
 from tunnelmesh.netlab import Host, Lab, Process
 
 OPS = Path(__file__).with_name("coord_ops.py")
+LIN_CLIENT = Path(__file__).with_name("lin_client.py")
 SUBNET = "10.77.0.0/24"
 API_PORT = 8443
 RAFT_PORT = 8444
@@ -219,6 +220,23 @@ class CoordLab:
     def leader(self, via: list[Coord] | None = None, timeout: float = 15.0) -> Coord:
         s = self.wait_for(lambda s: bool(s.get("leader")), timeout=timeout, what="a leader", via=via)
         return self.by_member(s["leader"])
+
+    def missing(self, via: list[Coord] | Coord, keys: list[str]) -> list[str]:
+        """Keys of ``keys`` a linearizable read through ``via`` does not find (``lin_client.py --read-back``:
+        one channel per coordinator, reads in parallel; a read that keeps failing fails the call)."""
+        if isinstance(via, Coord):
+            via = [via]
+        keys_file = self.tmp / f"read-back-{time.monotonic_ns()}.json"
+        keys_file.write_text(json.dumps(keys))
+        endpoints = ",".join(c.api for c in via)
+        r = self.client.run(
+            [sys.executable, str(LIN_CLIENT), endpoints, "--read-back", str(keys_file)],
+            timeout=120,
+            env=self.client_env(),
+        )
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["read"] == len(keys) and res["errors"] == {}, f"read-back failed: {res['errors']}"
+        return res["missing"]  # type: ignore[no-any-return]
 
     def spawn_writer(self, targets: list[Coord], seconds: float, out: Path) -> Process:
         endpoints = ",".join(c.api for c in targets)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.coordlab import Coord, CoordLab, coord_argv
+from tests.integration.coordlab import LIN_CLIENT, Coord, CoordLab, coord_argv
 from tests.linearizability import History, OpKind, Outcome, check
 from tunnelmesh.netlab import Lab
 
@@ -30,7 +30,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="netlab needs root to create network namespaces"),
 ]
 
-LIN_CLIENT = Path(__file__).with_name("lin_client.py")
 FAILOVER_BUDGET = 2.0  # seconds from kill -9 of the leader to a new leader, at default timers (100 ms ticks)
 NO_QUORUM_DEADLINE = 3.0  # client deadline for a write that cannot commit; it must fail within it
 MIN_OPS = 100  # known-outcome operations a linearizability run must complete to mean anything
@@ -40,21 +39,6 @@ MIN_OPS = 100  # known-outcome operations a linearizability run must complete to
 def lab(tmp_path: Path) -> Iterator[Lab]:
     with Lab(log_dir=tmp_path / "netlab") as lab:
         yield lab
-
-
-def _missing(cl: CoordLab, via: list[Coord], keys: list[str], tmp_path: Path) -> list[str]:
-    """Keys of ``keys`` a linearizable read through ``via`` does not find (``lin_client.py --read-back``)."""
-    keys_file = tmp_path / "read-back.json"
-    keys_file.write_text(json.dumps(keys))
-    endpoints = ",".join(c.api for c in via)
-    r = cl.client.run(
-        [sys.executable, str(LIN_CLIENT), endpoints, "--read-back", str(keys_file)],
-        timeout=120,
-        env=cl.client_env(),
-    )
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["read"] == len(keys) and res["errors"] == {}, f"read-back failed: {res['errors']}"
-    return res["missing"]  # type: ignore[no-any-return]
 
 
 def _put_ok(cl: CoordLab, via: list[Coord], key: str) -> bool:
@@ -242,7 +226,7 @@ def test_five_coordinators_tolerate_two_failures_and_stop_without_quorum(lab: La
     cl.wait_for(lambda s: s["leader"] and len(s["voters"]) == 5, timeout=30, what="leader with quorum")
     write("after-restart", cl.coords)
     for c in cl.coords:
-        assert _missing(cl, [c], acked, tmp_path) == [], f"acknowledged writes lost (read through {c.name})"
+        assert cl.missing(c, acked) == [], f"acknowledged writes lost (read through {c.name})"
 
 
 @pytest.mark.timeout(90)
@@ -310,10 +294,10 @@ def test_add_and_remove_members_under_write_load_loses_no_acknowledged_write(
     acks = [k for k, _ in json.loads(out.read_text())["acks"]]
     assert len(acks) > 50, f"writer made little progress: {len(acks)} acks"
     t0 = time.monotonic()
-    assert _missing(cl, stayers, acks, tmp_path) == [], "acknowledged writes were lost"
+    assert cl.missing(stayers, acks) == [], "acknowledged writes were lost"
     print(
         f"\nmembership change under load: {len(acks)} acknowledged writes, all read back "
         f"({time.monotonic() - t0:.1f}s)"
     )
     # The new voter serves every acknowledged write too (linearizable reads through it alone).
-    assert _missing(cl, [c4], acks, tmp_path) == []
+    assert cl.missing(c4, acks) == []

@@ -63,6 +63,7 @@ from tunnelmesh.coord.config_view import (
     coordinators_from_members,
 )
 from tunnelmesh.coord.raft.driver import DeadlineExceeded
+from tunnelmesh.coord.raft.errors import Stopped
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.service import Coordinator, RequestFailed, _check_result, _remaining
 from tunnelmesh.coord.state import (
@@ -472,6 +473,8 @@ class NodeServicer:  # registered by add_to_server (snapshots go out pre-seriali
         if resume > d.applied:
             try:
                 await d.wait_applied(resume, self.resume_wait)
+            except Stopped as exc:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"{exc}; try another coordinator") from None
             except DeadlineExceeded:
                 raise RequestFailed(
                     grpc.StatusCode.UNAVAILABLE,

@@ -44,7 +44,7 @@ from tunnelmesh.api.v1 import (
 from tunnelmesh.coord import state
 from tunnelmesh.coord.forward import Forwarder
 from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
-from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
+from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError, Stopped
 from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, StateType
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.state import (
@@ -131,6 +131,16 @@ class Coordinator:
     async def write(self, command: bytes, timeout: float) -> state_pb2.CommandResult:  # noqa: ASYNC109 - a wait budget
         """Commit ``command`` (a serialized Command) through the leader; returns its result once applied here
         or on the leader. Raises ``RequestFailed``."""
+        try:
+            return await self._write(command, timeout)
+        except Stopped as exc:
+            # UNAVAILABLE: clients retry on another coordinator, and the request id applies the write once.
+            raise RequestFailed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{exc}: the write may still commit; retry it (same request id) on another coordinator",
+            ) from None
+
+    async def _write(self, command: bytes, timeout: float) -> state_pb2.CommandResult:  # noqa: ASYNC109 - a wait budget
         deadline = time.monotonic() + timeout
         last = "no leader"
         while True:
@@ -186,6 +196,10 @@ class Coordinator:
                 )
             try:
                 return await self.driver.read_index(left)
+            except Stopped as exc:
+                raise RequestFailed(
+                    grpc.StatusCode.UNAVAILABLE, f"{exc}: retry the read on another coordinator"
+                ) from None
             except NotLeader:
                 last = "no leader"
             except DeadlineExceeded:
@@ -206,7 +220,7 @@ class Coordinator:
         except NotLeader as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
-        except (ProposalDropped, DeadlineExceeded) as exc:
+        except (ProposalDropped, DeadlineExceeded, Stopped) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
         # The follower waits to apply the entry before it answers its client: tell it the commit now.
@@ -226,7 +240,7 @@ class Coordinator:
         async def one(command: bytes) -> raft_pb2.ProposeOutcome:
             try:
                 index, result = await d.propose(command, budget)
-            except (NotLeader, ProposalDropped, DeadlineExceeded) as exc:
+            except (NotLeader, ProposalDropped, DeadlineExceeded, Stopped) as exc:
                 return raft_pb2.ProposeOutcome(error=str(exc) or type(exc).__name__)
             result = result or state_pb2.CommandResult()
             return raft_pb2.ProposeOutcome(index=index, result=result.SerializeToString())
@@ -384,7 +398,7 @@ class Coordinator:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "membership change not committed in time")
             try:
                 return await self.driver.propose_conf_change(cc, left)
-            except NotLeader as exc:
+            except (NotLeader, Stopped) as exc:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             except ProposalDropped:
                 await asyncio.sleep(0.1)

@@ -21,7 +21,7 @@ from tunnelmesh.api.raft.v1 import raft_pb2
 from tunnelmesh.api.v1 import state_pb2
 from tunnelmesh.coord.raft import driver as driver_mod
 from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, decode_snapshot, encode_snapshot
-from tunnelmesh.coord.raft.errors import NotLeader
+from tunnelmesh.coord.raft.errors import NotLeader, Stopped
 from tunnelmesh.coord.raft.messages import (
     ConfState,
     HardState,
@@ -32,7 +32,7 @@ from tunnelmesh.coord.raft.messages import (
 )
 from tunnelmesh.coord.raft.storage import SqliteStorage
 from tunnelmesh.coord.raft.transport import member_label
-from tunnelmesh.coord.service import Coordinator
+from tunnelmesh.coord.service import Coordinator, RequestFailed
 from tunnelmesh.coord.state import MeshState, encode_command
 
 CLUSTER = "drvtest"
@@ -209,6 +209,51 @@ async def test_a_write_through_a_follower_is_applied_there_when_it_returns(
     took = time.monotonic() - started
     assert follower.state.kv_get(b"fw").value == b"1"  # type: ignore[union-attr]
     assert took < 0.9, f"the forwarded write took {took:.2f}s: the follower waited for the commit"
+
+
+async def test_a_stopping_member_ends_what_is_in_flight_with_an_error_clients_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that stops (SIGTERM in a rolling restart, or its disk failed) fails the writes, reads and
+    waits it still holds with ``Stopped``, which the API answers as UNAVAILABLE: the client retries on another
+    coordinator (the request id applies a write once). Anything else would be UNKNOWN, which clients do not
+    retry: a write lost to the caller in every rolling restart under load."""
+    drivers = _build(tmp_path)
+    for d in drivers:
+        await d.start()
+    tasks = {d.member_id: asyncio.create_task(d.run()) for d in drivers}
+    try:
+        lead = await _leader(drivers)
+        coord = _coordinators([lead])[0]
+        index, _ = await lead.propose(_put(b"k", b"0"), 5.0)
+        # The leader hears nothing more from the others: what it starts now stays in flight.
+        monkeypatch.setattr(lead.transport, "send", lambda msgs: None)
+        write = asyncio.create_task(coord.write(_put(b"k", b"1", "rid-1"), 30.0))
+        read = asyncio.create_task(coord.read_barrier(30.0))
+        wait = asyncio.create_task(lead.wait_applied(index + 100, 30.0))
+        await asyncio.sleep(0.2)
+        assert not (write.done() or read.done() or wait.done())
+        tasks[lead.member_id].cancel()
+        with pytest.raises(RequestFailed) as failed_write:
+            await asyncio.wait_for(write, 5.0)
+        assert failed_write.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "stopping" in failed_write.value.message and "same request id" in failed_write.value.message
+        with pytest.raises(RequestFailed) as failed_read:
+            await asyncio.wait_for(read, 5.0)
+        assert failed_read.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(Stopped):
+            await asyncio.wait_for(wait, 5.0)
+        # And anything asked after the stop is refused at once, not left to its deadline.
+        with pytest.raises(Stopped):
+            await lead.propose(_put(b"k", b"2"), 30.0)
+        with pytest.raises(Stopped):
+            await lead.read_index(30.0)
+    finally:
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for d in drivers:
+            d.storage.close()
 
 
 def _coordinators(drivers: list[Driver]) -> list[Coordinator]:

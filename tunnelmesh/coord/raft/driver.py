@@ -92,7 +92,7 @@ from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2
 from tunnelmesh.api.v1 import state_pb2
 from tunnelmesh.coord.raft.core import Config
-from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError
+from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError, Stopped
 from tunnelmesh.coord.raft.messages import (
     ConfChange,
     ConfChangeType,
@@ -126,6 +126,8 @@ INLINE_SAVE_LIMIT = 0.005
 runs" above)."""
 INLINE_SAVE_ENTRIES = 64
 """A follower's save of more entries than this runs in a worker thread (catching up: big writes)."""
+
+STOPPED = "this coordinator is stopping"
 
 SAVE_SECONDS = Histogram(
     "tunnelmesh_raft_storage_save_seconds",
@@ -416,7 +418,7 @@ class Driver:
                 self._snapshot_task.cancel()  # the encoding thread finishes on its own; nothing is recorded
             if self._held_timer is not None:
                 self._held_timer.cancel()
-            self._fail_all(RaftError("the coordinator is shutting down"))
+            self._fail_all(Stopped(STOPPED))
             await self.transport.close()
 
     # -- inputs from the transport ---------------------------------------------------------------------------
@@ -720,11 +722,13 @@ class Driver:
 
     async def propose(self, data: bytes, timeout: float) -> tuple[int, state_pb2.CommandResult | None]:  # noqa: ASYNC109 - a wait budget
         """Propose a NORMAL entry; returns (index, result) once applied. ``NotLeader``, ``ProposalDropped``,
-        ``DeadlineExceeded``."""
+        ``DeadlineExceeded``, ``Stopped``."""
+        self._check_running()
         index, term = self.node.propose(data)
         return index, await self._wait_proposal(index, term, timeout)
 
     async def propose_conf_change(self, cc: ConfChange, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
+        self._check_running()
         index, term = self.node.propose_conf_change(cc)
         await self._wait_proposal(index, term, timeout)
         return index
@@ -754,6 +758,7 @@ class Driver:
     async def read_index(self, timeout: float) -> int:  # noqa: ASYNC109 - a wait budget
         """A linearizable read barrier: returns once this member has applied everything committed when the
         call started (confirmed by a quorum through the leader)."""
+        self._check_running()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._read_batch.append(fut)
         self._wake.set()
@@ -780,6 +785,7 @@ class Driver:
     async def wait_applied(self, index: int, timeout: float) -> None:  # noqa: ASYNC109 - a wait budget
         if self.applied >= index:
             return
+        self._check_running()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._applied_waiters, (index, next(self._waiter_seq), fut))
         try:
@@ -812,8 +818,16 @@ class Driver:
                 if not fut.done():
                     fut.set_exception(exc)
 
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise Stopped(STOPPED)
+
     def _fail_all(self, exc: Exception) -> None:
         self._fail_reads(exc)
+        waiters, self._applied_waiters = self._applied_waiters, []
+        for _, _, waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
         for _, fut in self._proposals.values():
             if not fut.done():
                 fut.set_exception(exc)

@@ -28,6 +28,12 @@ class ProposalDropped(RaftError):
     """The leader refused a proposal (leadership transfer in progress, conf change pending, node removed)."""
 
 
+class Stopped(RaftError):
+    """This member is stopping (shutdown, or its storage failed): proposals, reads and waits in flight end
+    with it. A proposal's outcome is then unknown (it may still commit through the others): retry it, with
+    the same request id, on another member."""
+
+
 class StorageError(RaftError):
     """Base class of errors a ``Storage`` raises to the core."""
 
