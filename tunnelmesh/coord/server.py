@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tunnelmesh import client, hostaddr, pki, sdnotify
+from tunnelmesh import client, fsutil, hostaddr, pki, sdnotify
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
 from tunnelmesh.api.v1 import (
     admin_pb2,
@@ -64,7 +64,7 @@ from tunnelmesh.coord import http as coord_http
 from tunnelmesh.coord.bootstrap import MeshOptions
 from tunnelmesh.coord.raft.driver import Driver, DriverOptions, Registry, encode_snapshot
 from tunnelmesh.coord.raft.messages import ConfState, HardState, Snapshot, SnapshotMetadata
-from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage
+from tunnelmesh.coord.raft.storage import DB_NAME, SqliteStorage, StorageIOError
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.service import (
     AdminServicer,
@@ -473,13 +473,19 @@ class CoordinatorProcess:
             max_voters=self.opts.max_voters,
             ca_fingerprint=ca.fingerprint if ca is not None else "",
         )
+        # For local clients (`--data-dir D`): where this coordinator's API is. Written first: a full disk
+        # stops the start here, before anything listens.
+        address_file = self.data_dir / client.API_ADDRESS_FILE
+        try:
+            fsutil.write_atomic(address_file, f"{self.api_address}\n".encode(), 0o644)
+        except OSError as exc:
+            raise CoordError(
+                f"{address_file}: cannot write: {exc.strerror}; free space on the disk (or repair it), "
+                "then start this coordinator again"
+            ) from None
         await driver.start()
         public = await self._start_public(coord, creds)
         edge = await self._start_relay(driver)
-        # For local clients (`--data-dir D`): where this coordinator's API is.
-        tmp = self.data_dir / f".{client.API_ADDRESS_FILE}.tmp"
-        tmp.write_text(self.api_address + "\n")
-        tmp.replace(self.data_dir / client.API_ADDRESS_FILE)
         log.info(
             "event=coordinator_started cluster=%s member=%x api=%s raft=%s",
             cluster_id,
@@ -500,7 +506,7 @@ class CoordinatorProcess:
         try:
             await self._run_tasks(driver, coord, me, stop, announced)
         except* TunnelMeshError as eg:
-            raise eg.exceptions[0] from None
+            raise _stopped_by(_first_leaf(eg)) from None
         finally:
             for announcer in announced:
                 await announcer.stop()
@@ -660,3 +666,20 @@ def _report_removed(driver: Driver) -> None:
 
 def run_coordinator(opts: CoordOptions) -> None:
     asyncio.run(CoordinatorProcess(opts).run())
+
+
+def _first_leaf(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in ``eg`` that is not a group (task groups nest: the driver runs its own)."""
+    first = eg.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _stopped_by(exc: BaseException) -> BaseException:
+    """What the command reports for ``exc``: a failed Raft store (disk full, I/O error) says what to do."""
+    if not isinstance(exc, StorageIOError):
+        return exc
+    log.error("event=coordinator_stopped reason=storage_failed error=%r", str(exc))
+    return CoordError(
+        f"{exc}. This coordinator stopped (its Raft store takes no more writes); the other coordinators "
+        "carry on without it. Free space on the disk (or repair it), then start it again: it catches up."
+    )
