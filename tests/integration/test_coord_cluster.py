@@ -130,16 +130,20 @@ def test_kill_leader_new_leader_within_2s_and_no_acknowledged_write_lost(
 
 def test_a_rolling_restart_under_write_load_fails_no_write(cl: CoordLab, tmp_path: Path) -> None:
     """`systemctl restart` of one coordinator after another (SIGTERM, start, wait until caught up) while a
-    client writes through all of them: a write in flight on a stopping coordinator is answered UNAVAILABLE,
-    so the client retries it elsewhere with its request id. Not one write fails, none is lost."""
+    client writes through all of them: the leader hands leadership over before it stops, and a write in
+    flight on a stopping coordinator is answered UNAVAILABLE, so the client retries it elsewhere with its
+    request id. Not one write fails, none is lost."""
     out = tmp_path / "writer.json"
-    writer = cl.spawn_writer(cl.coords, seconds=10.0, out=out)
+    writer = cl.spawn_writer(cl.coords, seconds=12.0, out=out)
     writer.wait_for_log("first write acknowledged", timeout=20)
     leader_first = sorted(cl.coords, key=lambda c: c is not cl.leader())
     restarted_at = []
     for c in leader_first:
         time.sleep(0.5)
         assert c.proc is not None and c.proc.stop() == 0, c.log()[-2000:]
+        if c is leader_first[0]:  # the leader handed over before it stopped, rather than leave an election
+            handover = re.search(r"event=leadership_handover to=[0-9a-f]{16} moved=true", c.log())
+            assert handover, c.log()[-3000:]
         restarted_at.append(time.time())
         c.start()
         c.wait_serving()
@@ -148,8 +152,8 @@ def test_a_rolling_restart_under_write_load_fails_no_write(cl: CoordLab, tmp_pat
     res = json.loads(out.read_text())
     acks = [k for k, _ in res["acks"]]
     assert res["failed"] == [], f"writes failed during the rolling restart: {res['failed']}"
-    after_last = [k for k, t in res["acks"] if t > restarted_at[-1]]
-    assert len(acks) > 50 and after_last, (len(acks), len(after_last))
+    after_leader = [k for k, t in res["acks"] if t > restarted_at[0]]
+    assert len(after_leader) > 20, f"writes did not carry on after the leader stopped: {len(after_leader)}"
     assert cl.missing(cl.leader(), acks) == [], "acknowledged writes were lost"
     for c in cl.coords:
         assert "Traceback" not in c.log(), c.log()[-3000:]

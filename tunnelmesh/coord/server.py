@@ -576,6 +576,8 @@ class CoordinatorProcess:
                 _report_removed(driver)
             log.info("event=coordinator_stopping")
             sdnotify.stopping(f"coordinator {member_label(driver.member_id)} stopping")
+            if stopping.done():
+                await coord.hand_over_leadership()
             for t in [*tasks, stopping, removed]:
                 t.cancel()
 

@@ -256,6 +256,26 @@ async def test_a_stopping_member_ends_what_is_in_flight_with_an_error_clients_re
             d.storage.close()
 
 
+async def test_a_leader_hands_over_to_the_most_caught_up_voter_before_it_stops(cluster: list[Driver]) -> None:
+    lead = await _leader(cluster)
+    index, _ = await lead.propose(_put(b"h", b"1"), 5.0)
+    for d in cluster:
+        await d.wait_applied(index, 5.0)
+    coords = _coordinators(cluster)
+    target = coords[cluster.index(lead)].transfer_target()
+    assert target in {d.member_id for d in cluster} - {lead.member_id}
+    await coords[cluster.index(lead)].hand_over_leadership()
+    # Moved, not elected after a timeout: the target leads and the old leader follows it.
+    assert lead.leader_id == target and not lead.is_leader
+    new = next(d for d in cluster if d.member_id == target)
+    assert new.is_leader and new.state.kv_get(b"h") is not None
+    # A follower has nothing to hand over.
+    follower = next(d for d in cluster if not d.is_leader)
+    term = follower.status().term
+    await coords[cluster.index(follower)].hand_over_leadership()
+    assert follower.status().term == term and follower.leader_id == target
+
+
 def _coordinators(drivers: list[Driver]) -> list[Coordinator]:
     return [
         Coordinator(d, self_member=raft_pb2.Member(member_id=d.member_id), join_bundle=None, max_voters=3)
