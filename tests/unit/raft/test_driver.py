@@ -269,11 +269,10 @@ async def test_a_leader_hands_over_to_the_most_caught_up_voter_before_it_stops(c
     assert lead.leader_id == target and not lead.is_leader
     new = next(d for d in cluster if d.member_id == target)
     assert new.is_leader and new.state.kv_get(b"h") is not None
-    # A follower has nothing to hand over.
-    follower = next(d for d in cluster if not d.is_leader)
-    term = follower.status().term
-    await coords[cluster.index(follower)].hand_over_leadership()
-    assert follower.status().term == term and follower.leader_id == target
+    # A follower (the old leader now) has nothing to hand over.
+    term = lead.status().term
+    await coords[cluster.index(lead)].hand_over_leadership()
+    assert lead.status().term == term and lead.leader_id == target
 
 
 def _coordinators(drivers: list[Driver]) -> list[Coordinator]:
