@@ -95,16 +95,27 @@ class Forwarder:
             del self._queues[leader]
 
     async def _send(self, leader: int, batch: list[_Pending]) -> None:
+        outcomes: list[Outcome] = [None] * len(batch)  # what the callers get unless the leader answers
         try:
             if leader in self._single:
-                outcomes = await asyncio.gather(*(self._propose(leader, p) for p in batch))
+                outcomes = list(await asyncio.gather(*(self._propose(leader, p) for p in batch)))
             else:
                 outcomes = await self._propose_batch(leader, batch)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The call, not this task, was cancelled: grpc.aio does that to the calls of a channel it closes
+            # (this coordinator is stopping, or the leader was removed). The callers retry, and find out.
+            log.debug("event=forward_failed leader=%x error='channel closed'", leader)
+        except Exception as exc:  # a call on a channel closed before it started (UsageError), and the like
+            log.debug("event=forward_failed leader=%x error=%r", leader, str(exc))
+        finally:
+            # Answered or not, no caller is left to wait for its deadline.
             for p, outcome in zip(batch, outcomes, strict=True):
                 FORWARDED.labels("retry" if outcome is None else "committed").inc()
                 if not p.future.done():
                     p.future.set_result(outcome)
-        finally:
             self._in_flight[leader] -= 1
             self._pump(leader)
 

@@ -275,6 +275,33 @@ async def test_a_leader_hands_over_to_the_most_caught_up_voter_before_it_stops(c
     assert lead.status().term == term and lead.leader_id == target
 
 
+async def test_a_forwarded_write_whose_channel_closes_returns_for_a_retry_at_once(
+    cluster: list[Driver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio cancels the calls of a channel it closes (the coordinator stopping, the leader removed) and
+    refuses new ones: the forwarder hands the write back for a retry instead of leaving it to its deadline
+    (which, on a stopping coordinator, outlived the server and reached the client as CANCELLED)."""
+    coords = _coordinators(cluster)
+    lead = await _leader(cluster)
+    follower = next(d for d in cluster if d is not lead)
+    forwarder = coords[cluster.index(follower)]._forwarder
+    answered = asyncio.Event()
+
+    async def never_answers(request: Any, context: Any) -> Any:
+        answered.set()
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(coords[cluster.index(lead)], "handle_propose_batch", never_answers)
+    started = time.monotonic()
+    call = asyncio.create_task(forwarder.forward(lead.member_id, _put(b"f", b"1"), 20.0))
+    await asyncio.wait_for(answered.wait(), 5.0)  # the call is in flight at the leader
+    await follower.transport._peers[lead.member_id].channel.close(grace=None)
+    assert await asyncio.wait_for(call, 2.0) is None
+    # And on the closed channel, a new forward is handed back at once too.
+    assert await asyncio.wait_for(forwarder.forward(lead.member_id, _put(b"f", b"2"), 20.0), 2.0) is None
+    assert time.monotonic() - started < 5.0
+
+
 def _coordinators(drivers: list[Driver]) -> list[Coordinator]:
     return [
         Coordinator(d, self_member=raft_pb2.Member(member_id=d.member_id), join_bundle=None, max_voters=3)
