@@ -1,4 +1,5 @@
-"""Which address of this machine other machines most likely reach (for advertised addresses)."""
+"""Addresses of this machine: which one other machines most likely reach (for advertised addresses), and why
+one cannot be listened on."""
 
 from __future__ import annotations
 
@@ -31,3 +32,22 @@ def reachable_address() -> str | None:
                 if a.get("local"):
                     return str(a["local"])
     return None
+
+
+def bind_problem(address: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> str:
+    """Why ``address`` (``host:port``) cannot be listened on, in the OS's words ("Address already in use",
+    "Cannot assign requested address"), found by binding it once; "" if it can be. For servers (gRPC's)
+    that only say that binding failed."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=kind, flags=socket.AI_PASSIVE)
+        family, socktype, proto, _, sockaddr = infos[0]
+        with socket.socket(family, socktype, proto) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+            s.bind(sockaddr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError as exc:
+        return str(exc)
+    return ""

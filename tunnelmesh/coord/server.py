@@ -36,7 +36,7 @@ import random
 import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,13 +360,15 @@ class CoordinatorProcess:
             stack.callback(hub.close)
             if self.opts.relay_listen:
                 udp = relay.RelayServer(hub, self.opts.relay_listen)
-                await udp.start()
+                with _listening(self.opts.relay_listen, "the UDP relay: --relay-listen, coord.relay_listen"):
+                    await udp.start()
                 stack.push_async_callback(udp.stop)
             if self.opts.http_listen:
                 web = coord_http.HttpServer(
                     self.opts.http_listen, hub=hub, ready=coord_http.driver_readiness(driver.status)
                 )
-                await web.start()
+                with _listening(self.opts.http_listen, "metrics, health: --http-listen, coord.http_listen"):
+                    await web.start()
                 stack.push_async_callback(web.stop)
         except BaseException:
             await stack.aclose()
@@ -483,9 +485,20 @@ class CoordinatorProcess:
                 f"{address_file}: cannot write: {exc.strerror}; free space on the disk (or repair it), "
                 "then start this coordinator again"
             ) from None
-        await driver.start()
-        public = await self._start_public(coord, creds)
-        edge = await self._start_relay(driver)
+        async with contextlib.AsyncExitStack() as started:  # stopped in reverse, also if a later start fails
+            await driver.start()
+            started.push_async_callback(driver.transport.close)
+            public = await self._start_public(coord, creds)
+            started.push_async_callback(public.stop, 0.5)
+            started.push_async_callback((await self._start_relay(driver)).aclose)
+            announced: list[Any] = []
+            started.push_async_callback(_stop_announcers, announced)
+            await self._serve_started(driver, coord, me, announced)
+
+    async def _serve_started(
+        self, driver: Driver, coord: Coordinator, me: raft_pb2.Member, announced: list[Any]
+    ) -> None:
+        cluster_id, member_id = driver.cluster_id, driver.member_id
         log.info(
             "event=coordinator_started cluster=%s member=%x api=%s raft=%s",
             cluster_id,
@@ -502,16 +515,10 @@ class CoordinatorProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
-        announced: list[Any] = []
         try:
             await self._run_tasks(driver, coord, me, stop, announced)
         except* TunnelMeshError as eg:
             raise _stopped_by(_first_leaf(eg)) from None
-        finally:
-            for announcer in announced:
-                await announcer.stop()
-            await edge.aclose()
-            await public.stop(grace=0.5)
 
     async def _announce_when_member(self, driver: Driver, announced: list[Any]) -> None:
         """With ``--mdns``: announce once this coordinator is a member, so that nobody on the LAN tries to
@@ -612,9 +619,16 @@ class CoordinatorProcess:
         reflection.enable_server_reflection(names, server)
         # Server-authenticated TLS; the chain is leaf + CA so that a node can fetch the CA and check it
         # against its join token's pin (pki.fetch_pinned_ca). Clients authenticate with bearer tokens.
-        server.add_secure_port(
-            self.opts.listen, pki.server_credentials(creds.identity, require_client_auth=False)
-        )
+        try:
+            server.add_secure_port(
+                self.opts.listen, pki.server_credentials(creds.identity, require_client_auth=False)
+            )
+        except RuntimeError:  # gRPC says only that it failed: ask the OS why
+            await server.stop(None)
+            reason = hostaddr.bind_problem(self.opts.listen) or "gRPC could not bind it"
+            raise CoordError(
+                f"cannot listen on {self.opts.listen} (the public API: --listen, coord.listen): {reason}"
+            ) from None
         await server.start()
         for n in ["", *names[:4]]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
@@ -685,3 +699,17 @@ def _stopped_by(exc: BaseException) -> BaseException:
         f"{exc}. This coordinator stopped (its Raft store takes no more writes); the other coordinators "
         "carry on without it. Free space on the disk (or repair it), then start it again: it catches up."
     )
+
+
+async def _stop_announcers(announced: list[Any]) -> None:
+    for announcer in announced:
+        await announcer.stop()
+
+
+@contextlib.contextmanager
+def _listening(address: str, what: str) -> Iterator[None]:
+    """An address this coordinator cannot listen on is a one-line error naming it and its setting."""
+    try:
+        yield
+    except OSError as exc:
+        raise CoordError(f"cannot listen on {address} ({what}): {exc.strerror or exc}") from None
