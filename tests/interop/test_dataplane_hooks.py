@@ -1,10 +1,11 @@
 """wg-quick's PreUp/PostUp/PreDown/PostDown commands in `tunnelmesh dataplane up` (a real process in a netlab
-host): run in order around the interface's life with ``%i`` replaced, and a failing PostUp takes the
-interface down again and fails `up`."""
+host): run in order around the interface's life with ``%i`` replaced; an `up` that fails once the interface
+exists (a failing PostUp, a metrics port in use) takes the interface down again and fails with one line."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +75,28 @@ def test_a_failing_post_up_takes_the_interface_down_and_fails(host: Host, tmp_pa
     assert "error: PostUp `exit 3` exited with status 3" in proc.log_text()
     assert host.run(["ip", "link", "show", iface], check=False).returncode != 0  # taken down again
     assert not log.exists()  # the down hooks belong to an interface that came up (as with wg-quick)
+
+
+def test_a_metrics_port_in_use_takes_the_interface_down_and_fails(host: Host, tmp_path: Path) -> None:
+    iface = f"tmm{os.getpid() % 10000}"
+    conf = tmp_path / f"{iface}.conf"
+    key, _ = genkey()
+    conf.write_text(wg_quick_text(key, "10.67.3.1/24", []))
+    conf.chmod(0o600)
+    with host.enter():
+        taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        argv = [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)]
+        proc = host.spawn(
+            [*argv, "--metrics", address],
+            name=f"tm-{iface}",
+            env={"TUNNELMESH_RUN_DIR": str(tmp_path / "run"), "PYTHONPATH": str(ROOT)},
+        )
+        assert proc.wait(30) == 1
+    out = proc.log_text()
+    assert f"error: cannot listen on {address} (--metrics): Address already in use" in out, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert host.run(["ip", "link", "show", iface], check=False).returncode != 0  # taken down again

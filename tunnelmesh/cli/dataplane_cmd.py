@@ -125,7 +125,12 @@ def up(
             from tunnelmesh.config import split_host_port
 
             host, port = split_host_port(metrics_addr)
-            start_http_server(port, addr=host, registry=registry)
+            try:
+                start_http_server(port, addr=host, registry=registry)
+            except OSError as exc:  # the interface comes down again on the way out
+                raise TunnelMeshError(
+                    f"cannot listen on {metrics_addr} (--metrics): {exc.strerror or exc}"
+                ) from None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             stopping.set()
