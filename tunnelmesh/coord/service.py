@@ -462,9 +462,12 @@ class Coordinator:
 
     def transfer_target(self) -> int:
         """The voter to hand leadership to: of the others that answered this leader within an election
-        timeout, the one with the most of the log (it can take over without catching up). 0: none."""
+        timeout, the one with the most of the log (it can take over without catching up). 0: none, or this
+        member does not lead (only a leader knows how far each member is)."""
         d = self.driver
         st = d.status()
+        if st.leader_id != st.member_id:
+            return 0
         recent = d.opts.tick * d.opts.election_ticks
         others = [
             v

@@ -269,10 +269,14 @@ async def test_a_leader_hands_over_to_the_most_caught_up_voter_before_it_stops(c
     assert lead.leader_id == target and not lead.is_leader
     new = next(d for d in cluster if d.member_id == target)
     assert new.is_leader and new.state.kv_get(b"h") is not None
-    # A follower (the old leader now) has nothing to hand over.
+    # A follower (the old leader now) has nothing to hand over, and picks no target (only a leader knows how
+    # far each member is); asked through it, a transfer reaches the leader and happens.
     term = lead.status().term
     await coords[cluster.index(lead)].hand_over_leadership()
     assert lead.status().term == term and lead.leader_id == target
+    assert coords[cluster.index(lead)].transfer_target() == 0
+    assert await coords[cluster.index(lead)].transfer_leadership(lead.member_id, 5.0)
+    assert lead.is_leader
 
 
 async def test_a_forwarded_write_whose_channel_closes_returns_for_a_retry_at_once(
