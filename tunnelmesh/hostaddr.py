@@ -7,6 +7,16 @@ import contextlib
 import json
 import socket
 import subprocess
+from collections.abc import Iterator
+
+from tunnelmesh.errors import TunnelMeshError
+
+
+class ListenError(TunnelMeshError):
+    """This machine cannot listen on an address: the message names it, the setting and the OS's reason."""
+
+    def __init__(self, address: str, what: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({what}): {reason}")
 
 
 def reachable_address() -> str | None:
@@ -51,3 +61,13 @@ def bind_problem(address: str, kind: socket.SocketKind = socket.SOCK_STREAM) -> 
     except ValueError as exc:
         return str(exc)
     return ""
+
+
+@contextlib.contextmanager
+def listening(address: str, what: str) -> Iterator[None]:
+    """Around a server's bind: an ``OSError`` becomes a ``ListenError`` naming ``address`` and ``what`` (the
+    flag or setting it came from)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(address, what, exc.strerror or str(exc)) from None

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tunnelmesh import hostaddr
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.fsutil import FileTooLargeError, NotRegularFileError, read_regular_file, write_atomic
 
@@ -993,6 +994,20 @@ def load_operator_credentials(
 
 # ------------------------------------------------------------------------------------------------------------
 # gRPC credentials
+
+
+async def add_secure_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials, what: str
+) -> int:
+    """``server.add_secure_port``, whose failure says only that binding failed: then the server is stopped and
+    a ``hostaddr.ListenError`` names the address, ``what`` (its flag or setting) and the OS's reason."""
+    try:
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        await server.stop(None)
+        raise hostaddr.ListenError(
+            address, what, hostaddr.bind_problem(address) or "gRPC could not bind it"
+        ) from None
 
 
 def server_credentials(

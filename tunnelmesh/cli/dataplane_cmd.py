@@ -42,7 +42,7 @@ from typing import Any
 import click
 from prometheus_client import CollectorRegistry, Counter
 
-from tunnelmesh import sdnotify
+from tunnelmesh import hostaddr, sdnotify
 from tunnelmesh.errors import TunnelMeshError
 from tunnelmesh.node import control, resolvconf, wgquick
 from tunnelmesh.node.dataplane import DataPlane, key_b64
@@ -125,12 +125,8 @@ def up(
             from tunnelmesh.config import split_host_port
 
             host, port = split_host_port(metrics_addr)
-            try:
+            with hostaddr.listening(metrics_addr, "--metrics"):  # on failure the interface comes down again
                 start_http_server(port, addr=host, registry=registry)
-            except OSError as exc:  # the interface comes down again on the way out
-                raise TunnelMeshError(
-                    f"cannot listen on {metrics_addr} (--metrics): {exc.strerror or exc}"
-                ) from None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             stopping.set()

@@ -36,7 +36,7 @@ import random
 import secrets
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -360,14 +360,18 @@ class CoordinatorProcess:
             stack.callback(hub.close)
             if self.opts.relay_listen:
                 udp = relay.RelayServer(hub, self.opts.relay_listen)
-                with _listening(self.opts.relay_listen, "the UDP relay: --relay-listen, coord.relay_listen"):
+                with hostaddr.listening(
+                    self.opts.relay_listen, "the UDP relay: --relay-listen, coord.relay_listen"
+                ):
                     await udp.start()
                 stack.push_async_callback(udp.stop)
             if self.opts.http_listen:
                 web = coord_http.HttpServer(
                     self.opts.http_listen, hub=hub, ready=coord_http.driver_readiness(driver.status)
                 )
-                with _listening(self.opts.http_listen, "metrics, health: --http-listen, coord.http_listen"):
+                with hostaddr.listening(
+                    self.opts.http_listen, "metrics, health: --http-listen, coord.http_listen"
+                ):
                     await web.start()
                 stack.push_async_callback(web.stop)
         except BaseException:
@@ -619,16 +623,8 @@ class CoordinatorProcess:
         reflection.enable_server_reflection(names, server)
         # Server-authenticated TLS; the chain is leaf + CA so that a node can fetch the CA and check it
         # against its join token's pin (pki.fetch_pinned_ca). Clients authenticate with bearer tokens.
-        try:
-            server.add_secure_port(
-                self.opts.listen, pki.server_credentials(creds.identity, require_client_auth=False)
-            )
-        except RuntimeError:  # gRPC says only that it failed: ask the OS why
-            await server.stop(None)
-            reason = hostaddr.bind_problem(self.opts.listen) or "gRPC could not bind it"
-            raise CoordError(
-                f"cannot listen on {self.opts.listen} (the public API: --listen, coord.listen): {reason}"
-            ) from None
+        tls = pki.server_credentials(creds.identity, require_client_auth=False)
+        await pki.add_secure_port(server, self.opts.listen, tls, "the public API: --listen, coord.listen")
         await server.start()
         for n in ["", *names[:4]]:
             await health_servicer.set(n, health_pb2.HealthCheckResponse.SERVING)
@@ -704,12 +700,3 @@ def _stopped_by(exc: BaseException) -> BaseException:
 async def _stop_announcers(announced: list[Any]) -> None:
     for announcer in announced:
         await announcer.stop()
-
-
-@contextlib.contextmanager
-def _listening(address: str, what: str) -> Iterator[None]:
-    """An address this coordinator cannot listen on is a one-line error naming it and its setting."""
-    try:
-        yield
-    except OSError as exc:
-        raise CoordError(f"cannot listen on {address} ({what}): {exc.strerror or exc}") from None

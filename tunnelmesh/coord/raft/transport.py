@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import grpc
 from prometheus_client import Counter
 
-from tunnelmesh import hostaddr, pki
+from tunnelmesh import pki
 from tunnelmesh.api.raft.v1 import raft_pb2, raft_pb2_grpc
 from tunnelmesh.coord.raft.core import CAMPAIGN_TRANSFER
 from tunnelmesh.coord.raft.errors import RaftError
@@ -657,14 +657,8 @@ class Transport:
         creds = pki.server_credentials(
             self.credentials.identity, trust_pem=self.credentials.trust_pem, require_client_auth=True
         )
-        try:
-            self.bound_port = server.add_secure_port(self.listen, creds)
-        except RuntimeError:  # gRPC says only that it failed: ask the OS why
-            await server.stop(None)
-            reason = hostaddr.bind_problem(self.listen) or "gRPC could not bind it"
-            raise RaftError(
-                f"cannot listen on {self.listen} (the Raft port: --raft-listen, coord.peer_listen): {reason}"
-            ) from None
+        what = "the Raft port: --raft-listen, coord.peer_listen"
+        self.bound_port = await pki.add_secure_port(server, self.listen, creds, what)
         await server.start()
         self._server = server
         log.info("event=raft_transport_listening address=%s member=%x", self.listen, self.member_id)
