@@ -20,10 +20,15 @@ DEADLINE_EXCEEDED. Each attempt has its own deadline (the time left, at most ``a
 carry a request id that stays the same across retries, so a retried write applies at most once. Other
 errors (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ...) are raised
 at once as ``ClientError``.
+
+KV operations go over one ``KvService.Session`` stream per coordinator (:class:`KvSession`), shared by every
+task using the client: an operation is a message on an open stream rather than a call of its own, which costs
+the coordinator (and this process) a fraction of the CPU and saves about a millisecond per operation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -45,6 +50,7 @@ from tunnelmesh.errors import TunnelMeshError
 T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+DEFAULT_OP_TIMEOUT = 5.0  # seconds, as a unary call without a deadline
 _MIN_ATTEMPT = 0.25  # seconds: shorter attempts could not finish, they would only hide the last reason
 
 
@@ -57,7 +63,7 @@ class ClientError(TunnelMeshError):
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in RETRYABLE
+    return isinstance(exc, ClientError) and exc.code in RETRYABLE
 
 
 def cluster_id_of(ca_pem: bytes) -> str | None:
@@ -142,6 +148,158 @@ def open_sync_channel(
     return grpc.secure_channel(address, creds, options=_channel_options(ca_pem, options))
 
 
+_ANSWER_GRACE = 0.5  # seconds a session operation waits past its timeout for the coordinator's own answer
+
+
+class KvSession:
+    """KV operations on one ``KvService.Session`` stream of ``channel`` (kv.proto), many in flight at once.
+
+    Safe to share between the tasks of one event loop: each operation gets a fresh id, its request goes out
+    on the stream, and a reader task hands each answer to its waiter. The stream opens with the first
+    operation and again after it ended. Operations fail with ``ClientError``: with their own status (as the
+    unary call would), or with the stream's when it breaks under them (a write among them may have been
+    applied: retry it with the same ``request_id``), or DEADLINE_EXCEEDED when no answer came within
+    ``timeout`` (the coordinator's budget for it, sent along; plus a moment for its own answer). No retries
+    here; :class:`Client` retries across coordinators.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = kv_pb2_grpc.KvServiceStub(channel)
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[int, asyncio.Future[kv_pb2.KvSessionResponse]] = {}
+        self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per stream
+        self._last_id = 0
+
+    async def put(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_OP_TIMEOUT,  # noqa: ASYNC109 - sent as the op's budget
+    ) -> kv_pb2.KvPutResponse:
+        req = kv_pb2.KvPutRequest(request_id=request_id or uuid.uuid4().hex, key=key, value=value)
+        r: kv_pb2.KvPutResponse = await self.run("put", req, timeout)
+        return r
+
+    async def get(
+        self,
+        key: bytes,
+        *,
+        stale: bool = False,
+        timeout: float = DEFAULT_OP_TIMEOUT,  # noqa: ASYNC109 - sent as the op's budget
+    ) -> kv_pb2.KvGetResponse:
+        r: kv_pb2.KvGetResponse = await self.run("get", kv_pb2.KvGetRequest(key=key, stale=stale), timeout)
+        return r
+
+    async def delete(
+        self,
+        key: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_OP_TIMEOUT,  # noqa: ASYNC109 - sent as the op's budget
+    ) -> kv_pb2.KvDeleteResponse:
+        req = kv_pb2.KvDeleteRequest(request_id=request_id or uuid.uuid4().hex, key=key)
+        r: kv_pb2.KvDeleteResponse = await self.run("delete", req, timeout)
+        return r
+
+    async def compare_and_set(
+        self,
+        key: bytes,
+        expected: bytes | None,
+        new: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float = DEFAULT_OP_TIMEOUT,  # noqa: ASYNC109 - sent as the op's budget
+    ) -> kv_pb2.KvCompareAndSetResponse:
+        req = kv_pb2.KvCompareAndSetRequest(request_id=request_id or uuid.uuid4().hex, key=key, new_value=new)
+        if expected is not None:
+            req.expected_value = expected
+        r: kv_pb2.KvCompareAndSetResponse = await self.run("compare_and_set", req, timeout)
+        return r
+
+    async def run(
+        self,
+        which: str,
+        request: Any,
+        timeout: float,  # noqa: ASYNC109 - sent as the op's budget
+    ) -> Any:
+        """Send one operation (``which``: the ``op`` field to set) and wait for its answer."""
+        self._last_id += 1
+        op_id = self._last_id
+        msg = kv_pb2.KvSessionRequest(id=op_id, timeout_ms=max(1, min(int(timeout * 1000), 2**32 - 1)))
+        getattr(msg, which).CopyFrom(request)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiters[op_id] = answer
+        try:
+            async with asyncio.timeout(timeout + _ANSWER_GRACE):
+                call = self._open()
+                async with self._write_lock:
+                    try:
+                        await call.write(msg)
+                    except grpc.aio.AioRpcError as exc:
+                        raise ClientError(exc.code(), exc.details() or "") from None
+                    except (
+                        asyncio.InvalidStateError
+                    ):  # the stream ended before this write; its reader says why
+                        pass
+                resp = await answer
+        except TimeoutError:
+            raise ClientError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer to the {which} in {timeout:.3g} s"
+            ) from None
+        finally:
+            self._waiters.pop(op_id, None)
+        if resp.HasField("error"):
+            raise ClientError(_status(resp.error.code), resp.error.message)
+        return getattr(resp, which)
+
+    async def close(self) -> None:
+        """End the stream; operations still waiting fail with CANCELLED."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _open(self) -> Any:
+        if self._call is None:
+            self._call = self._stub.Session()
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
+        return self._call
+
+    async def _read(self, call: Any) -> None:
+        code, details = grpc.StatusCode.UNAVAILABLE, "the session stream ended"
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    break
+                waiter = self._waiters.get(resp.id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(resp)
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code == grpc.StatusCode.CANCELLED:
+                # Not by us (that is the CancelledError below): the coordinator stopped with the stream open.
+                code, details = grpc.StatusCode.UNAVAILABLE, f"the session stream was cancelled: {details}"
+        except asyncio.CancelledError:
+            code, details = grpc.StatusCode.CANCELLED, "the session was closed"
+        finally:
+            if self._call is call:
+                self._call = None  # the next operation opens a new stream
+            for waiter in self._waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(ClientError(code, details))
+
+
+def _status(number: int) -> grpc.StatusCode:
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+_STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
 class Client:
     """``async with Client(["10.0.0.2:8443", ...], ca_pem=ca, token=tok) as c: await c.put(b"k", b"v")``."""
 
@@ -162,6 +320,7 @@ class Client:
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self._channels = [open_channel(e, ca_pem=ca_pem, token=token) for e in self.endpoints]
+        self._sessions = {id(ch): KvSession(ch) for ch in self._channels}
         self._next = 0
 
     async def __aenter__(self) -> Client:
@@ -171,59 +330,54 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
         for ch in self._channels:
             await ch.close()
 
     async def _call(self, fn: Callable[[grpc.aio.Channel, float], Awaitable[T]]) -> T:
         start = time.monotonic()
-        try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_retryable),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                stop=stop_after_delay(max(0.0, self.deadline - _MIN_ATTEMPT)),
-                reraise=True,
-            ):
-                with attempt:
-                    ch = self._channels[self._next % len(self._channels)]
-                    left = max(0.05, min(self.attempt_timeout, self.deadline - (time.monotonic() - start)))
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            stop=stop_after_delay(max(0.0, self.deadline - _MIN_ATTEMPT)),
+            reraise=True,
+        ):
+            with attempt:
+                ch = self._channels[self._next % len(self._channels)]
+                left = max(0.05, min(self.attempt_timeout, self.deadline - (time.monotonic() - start)))
+                try:
                     try:
                         return await fn(ch, left)
                     except grpc.aio.AioRpcError as exc:
-                        if exc.code() in RETRYABLE:
-                            self._next += 1  # try the next coordinator
-                        raise
-        except grpc.aio.AioRpcError as exc:
-            raise ClientError(exc.code(), exc.details() or "") from None
+                        raise ClientError(exc.code(), exc.details() or "") from None
+                except ClientError as exc:
+                    if exc.code in RETRYABLE:
+                        self._next += 1  # try the next coordinator
+                    raise
         raise AssertionError("unreachable")
+
+    async def _kv(self, which: str, request: Any) -> Any:
+        async def fn(ch: grpc.aio.Channel, t: float) -> Any:
+            return await self._sessions[id(ch)].run(which, request, t)
+
+        return await self._call(fn)
 
     # -- KV --------------------------------------------------------------------------------------------------
 
     async def put(self, key: bytes, value: bytes, *, request_id: str | None = None) -> kv_pb2.KvPutResponse:
         req = kv_pb2.KvPutRequest(request_id=request_id or uuid.uuid4().hex, key=key, value=value)
-
-        async def fn(ch: grpc.aio.Channel, t: float) -> kv_pb2.KvPutResponse:
-            r: kv_pb2.KvPutResponse = await kv_pb2_grpc.KvServiceStub(ch).Put(req, timeout=t)
-            return r
-
-        return await self._call(fn)
+        r: kv_pb2.KvPutResponse = await self._kv("put", req)
+        return r
 
     async def get(self, key: bytes, *, stale: bool = False) -> kv_pb2.KvGetResponse:
-        req = kv_pb2.KvGetRequest(key=key, stale=stale)
-
-        async def fn(ch: grpc.aio.Channel, t: float) -> kv_pb2.KvGetResponse:
-            r: kv_pb2.KvGetResponse = await kv_pb2_grpc.KvServiceStub(ch).Get(req, timeout=t)
-            return r
-
-        return await self._call(fn)
+        r: kv_pb2.KvGetResponse = await self._kv("get", kv_pb2.KvGetRequest(key=key, stale=stale))
+        return r
 
     async def delete(self, key: bytes, *, request_id: str | None = None) -> kv_pb2.KvDeleteResponse:
         req = kv_pb2.KvDeleteRequest(request_id=request_id or uuid.uuid4().hex, key=key)
-
-        async def fn(ch: grpc.aio.Channel, t: float) -> kv_pb2.KvDeleteResponse:
-            r: kv_pb2.KvDeleteResponse = await kv_pb2_grpc.KvServiceStub(ch).Delete(req, timeout=t)
-            return r
-
-        return await self._call(fn)
+        r: kv_pb2.KvDeleteResponse = await self._kv("delete", req)
+        return r
 
     async def compare_and_set(
         self, key: bytes, expected: bytes | None, new: bytes, *, request_id: str | None = None
@@ -231,13 +385,8 @@ class Client:
         req = kv_pb2.KvCompareAndSetRequest(request_id=request_id or uuid.uuid4().hex, key=key, new_value=new)
         if expected is not None:
             req.expected_value = expected
-
-        async def fn(ch: grpc.aio.Channel, t: float) -> kv_pb2.KvCompareAndSetResponse:
-            stub = kv_pb2_grpc.KvServiceStub(ch)
-            r: kv_pb2.KvCompareAndSetResponse = await stub.CompareAndSet(req, timeout=t)
-            return r
-
-        return await self._call(fn)
+        r: kv_pb2.KvCompareAndSetResponse = await self._kv("compare_and_set", req)
+        return r
 
     # -- cluster admin ---------------------------------------------------------------------------------------
 

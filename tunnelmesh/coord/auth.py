@@ -15,6 +15,10 @@ call of a protected service it then
 4. checks that it is neither revoked nor expired (``ApiToken.is_active``, wall clock) -> else UNAUTHENTICATED;
 5. compares the token's role with the method's least role (roles are cumulative) -> else PERMISSION_DENIED.
 
+``KvService.Session`` carries many operations on one call: opening it takes a read-only token, and each
+operation goes through the same five steps again with the method of its unary twin (a put needs what ``Put``
+needs), so a token revoked or expiring while a session is open stops working at its next operation.
+
 A method of a protected service without the option is refused to every token (fail closed), and so is every
 method of a service this module does not know to be open. Open services (no API token): NodeService
 (Register carries a join token, WatchConfig/ReportStatus a node token, checked by the servicer itself),
@@ -214,9 +218,19 @@ class ApiTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if service in self.open_services or handler is None:
             return handler  # None: unknown method, gRPC answers UNIMPLEMENTED
+        try:
+            await self.authorize(handler_call_details.invocation_metadata, method)
+        except AuthFailure as exc:
+            refusal: grpc.RpcMethodHandler[_Req, _Resp] = _refusal(handler, exc.code, exc.message)
+            return refusal
+        return handler
+
+    async def authorize(self, metadata: Any, method: str) -> None:
+        """Raise AuthFailure (counted and logged) unless the caller's token may call ``method`` now. Also for
+        each operation of a ``KvService.Session``, with the method of that operation's unary call."""
         least = self.roles.get(method, common_pb2.ROLE_UNSPECIFIED)
         try:
-            await self.authenticator.authenticate(handler_call_details.invocation_metadata, method, least)
+            await self.authenticator.authenticate(metadata, method, least)
         except AuthFailure as exc:
             AUTH_FAILURES.labels(exc.reason).inc()
             log.info(
@@ -226,9 +240,7 @@ class ApiTokenInterceptor(grpc.aio.ServerInterceptor):
                 exc.code.name,
                 exc.token_id or "-",
             )
-            refusal: grpc.RpcMethodHandler[_Req, _Resp] = _refusal(handler, exc.code, exc.message)
-            return refusal
-        return handler
+            raise
 
 
 def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:

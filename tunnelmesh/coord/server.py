@@ -601,8 +601,9 @@ class CoordinatorProcess:
             kv_pb2.DESCRIPTOR.services_by_name["KvService"],
             admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
         ]
-        server = grpc.aio.server(interceptors=[auth.ApiTokenInterceptor(authenticator, protected)])
-        kv_pb2_grpc.add_KvServiceServicer_to_server(KvServicer(coord), server)
+        interceptor = auth.ApiTokenInterceptor(authenticator, protected)
+        server = grpc.aio.server(interceptors=[interceptor])
+        kv_pb2_grpc.add_KvServiceServicer_to_server(KvServicer(coord, interceptor.authorize), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(coord), server)
         cluster_pb2_grpc.add_ClusterJoinServiceServicer_to_server(ClusterJoinServicer(coord), server)
         # NodeService authenticates its callers itself (join token, node token), so it is not in `protected`.

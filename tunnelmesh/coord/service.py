@@ -41,7 +41,8 @@ from tunnelmesh.api.v1 import (
     kv_pb2_grpc,
     state_pb2,
 )
-from tunnelmesh.coord import state
+from tunnelmesh.coord import kv_session, state
+from tunnelmesh.coord.auth import AuthFailure
 from tunnelmesh.coord.forward import Forwarder
 from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
 from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError, Stopped
@@ -56,6 +57,8 @@ from tunnelmesh.coord.state import (
 )
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 5.0
 RETRY_PAUSE = 0.05
@@ -571,54 +574,61 @@ def _check_result(result: state_pb2.CommandResult) -> None:
 
 
 class KvServicer(kv_pb2_grpc.KvServiceServicer):
-    def __init__(self, coord: Coordinator) -> None:
-        self.c = coord
+    """The four KV operations, as unary calls and as the operations of a ``Session`` (coord/kv_session.py).
 
-    async def _write(self, body: Any, request_id: str, context: Any) -> state_pb2.KvResult:
+    ``authorize(metadata, method)`` is the API-token check (``auth.ApiTokenInterceptor.authorize``): the
+    interceptor runs it once per call; a session runs it for each operation, with that operation's unary
+    method.
+    """
+
+    def __init__(self, coord: Coordinator, authorize: Callable[[Any, str], Awaitable[None]]) -> None:
+        self.c = coord
+        self._authorize = authorize
+        self._ops: dict[str, tuple[str, Callable[[Any, float], Awaitable[Any]]]] = {
+            "put": ("/tunnelmesh.v1.KvService/Put", self._put),
+            "get": ("/tunnelmesh.v1.KvService/Get", self._get),
+            "delete": ("/tunnelmesh.v1.KvService/Delete", self._delete),
+            "compare_and_set": ("/tunnelmesh.v1.KvService/CompareAndSet", self._compare_and_set),
+        }
+
+    # -- the operations: request and time budget in, response out, RequestFailed on failure ----------------
+
+    async def _write(self, body: Any, request_id: str, budget: float) -> state_pb2.KvResult:
         data = encode_command(body, proposed_at=time.time_ns(), request_id=request_id)
-        try:
-            result = await self.c.write(data, _remaining(context))
-            _check_result(result)
-        except RequestFailed as exc:
-            await _fail(context, exc)
-            raise
+        result = await self.c.write(data, budget)
+        _check_result(result)
         return result.kv
 
-    async def Put(self, request: kv_pb2.KvPutRequest, context: Any) -> kv_pb2.KvPutResponse:
-        kv = await self._write(
-            state_pb2.KvPut(key=request.key, value=request.value), request.request_id, context
-        )
+    async def _put(self, request: kv_pb2.KvPutRequest, budget: float) -> kv_pb2.KvPutResponse:
+        body = state_pb2.KvPut(key=request.key, value=request.value)
+        kv = await self._write(body, request.request_id, budget)
         resp = kv_pb2.KvPutResponse(revision=kv.revision)
         if kv.HasField("previous_value"):
             resp.previous_value = kv.previous_value
         return resp
 
-    async def Delete(self, request: kv_pb2.KvDeleteRequest, context: Any) -> kv_pb2.KvDeleteResponse:
-        kv = await self._write(state_pb2.KvDelete(key=request.key), request.request_id, context)
+    async def _delete(self, request: kv_pb2.KvDeleteRequest, budget: float) -> kv_pb2.KvDeleteResponse:
+        kv = await self._write(state_pb2.KvDelete(key=request.key), request.request_id, budget)
         resp = kv_pb2.KvDeleteResponse()
         if kv.HasField("previous_value"):
             resp.previous_value = kv.previous_value
         return resp
 
-    async def CompareAndSet(
-        self, request: kv_pb2.KvCompareAndSetRequest, context: Any
+    async def _compare_and_set(
+        self, request: kv_pb2.KvCompareAndSetRequest, budget: float
     ) -> kv_pb2.KvCompareAndSetResponse:
         body = state_pb2.KvCompareAndSet(key=request.key, new_value=request.new_value)
         if request.HasField("expected_value"):
             body.expected_value = request.expected_value
-        kv = await self._write(body, request.request_id, context)
+        kv = await self._write(body, request.request_id, budget)
         resp = kv_pb2.KvCompareAndSetResponse(succeeded=kv.succeeded, revision=kv.revision)
         if kv.HasField("previous_value"):
             resp.previous_value = kv.previous_value
         return resp
 
-    async def Get(self, request: kv_pb2.KvGetRequest, context: Any) -> kv_pb2.KvGetResponse:
+    async def _get(self, request: kv_pb2.KvGetRequest, budget: float) -> kv_pb2.KvGetResponse:
         if not request.stale:
-            try:
-                await self.c.read_barrier(_remaining(context))
-            except RequestFailed as exc:
-                await _fail(context, exc)
-                raise
+            await self.c.read_barrier(budget)
         d = self.c.driver
         entry = d.state.kv_get(request.key)
         if entry is None:
@@ -626,6 +636,55 @@ class KvServicer(kv_pb2_grpc.KvServiceServicer):
         return kv_pb2.KvGetResponse(
             found=True, value=entry.value, revision=entry.revision, read_index=d.applied
         )
+
+    # -- unary calls ---------------------------------------------------------------------------------------
+
+    async def _unary(self, op: Awaitable[R], context: Any) -> R:
+        try:
+            return await op
+        except RequestFailed as exc:
+            await _fail(context, exc)
+            raise
+
+    async def Put(self, request: kv_pb2.KvPutRequest, context: Any) -> kv_pb2.KvPutResponse:
+        return await self._unary(self._put(request, _remaining(context)), context)
+
+    async def Delete(self, request: kv_pb2.KvDeleteRequest, context: Any) -> kv_pb2.KvDeleteResponse:
+        return await self._unary(self._delete(request, _remaining(context)), context)
+
+    async def CompareAndSet(
+        self, request: kv_pb2.KvCompareAndSetRequest, context: Any
+    ) -> kv_pb2.KvCompareAndSetResponse:
+        return await self._unary(self._compare_and_set(request, _remaining(context)), context)
+
+    async def Get(self, request: kv_pb2.KvGetRequest, context: Any) -> kv_pb2.KvGetResponse:
+        return await self._unary(self._get(request, _remaining(context)), context)
+
+    # -- Session ---------------------------------------------------------------------------------------------
+
+    async def Session(  # type: ignore[override]  # answers with context.write, not by yielding
+        self, request_iterator: Any, context: Any
+    ) -> None:
+        metadata = context.invocation_metadata()
+
+        async def run(req: kv_pb2.KvSessionRequest, which: str) -> kv_pb2.KvSessionResponse:
+            method, op = self._ops[which]
+            timeout = req.timeout_ms / 1000 if req.timeout_ms else DEFAULT_TIMEOUT
+            try:
+                await self._authorize(metadata, method)
+                result = await op(getattr(req, which), _remaining(context, timeout))
+            except (RequestFailed, AuthFailure) as exc:
+                error = kv_pb2.KvError(code=exc.code.value[0], message=exc.message)
+                return kv_pb2.KvSessionResponse(id=req.id, error=error)
+            except Exception:  # a bug: answer it like gRPC answers a unary handler that raised
+                log.exception("event=kv_session_op_failed op=%s id=%d", which, req.id)
+                error = kv_pb2.KvError(code=grpc.StatusCode.UNKNOWN.value[0], message="unexpected error")
+                return kv_pb2.KvSessionResponse(id=req.id, error=error)
+            resp = kv_pb2.KvSessionResponse(id=req.id)
+            getattr(resp, which).CopyFrom(result)
+            return resp
+
+        await kv_session.serve(request_iterator, context, run)
 
 
 # -- AdminService: nodes, join tokens, API tokens ------------------------------------------------------------
@@ -645,8 +704,6 @@ ADMIN_FAILURES = Counter(
     "AdminService node and token calls that failed, by method and gRPC status code (bad input included).",
     ["method", "code"],
 )
-
-R = TypeVar("R")
 
 
 def _actor(context: Any) -> str:

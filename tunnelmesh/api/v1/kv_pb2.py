@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tunnelmesh.api.v1 import common_pb2 as tunnelmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tunnelmesh/v1/kv.proto\x12\rtunnelmesh.v1\x1a\x1atunnelmesh/v1/common.proto\">\n\x0cKvPutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\"Q\n\rKvPutResponse\x12\x1b\n\x0eprevious_value\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12\x10\n\x08revision\x18\x02 \x01(\x04\x42\x11\n\x0f_previous_value\"*\n\x0cKvGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05stale\x18\x02 \x01(\x08\"S\n\rKvGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x12\n\nread_index\x18\x04 \x01(\x04\"2\n\x0fKvDeleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"B\n\x10KvDeleteResponse\x12\x1b\n\x0eprevious_value\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x42\x11\n\x0f_previous_value\"|\n\x16KvCompareAndSetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x1b\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x11\n\tnew_value\x18\x04 \x01(\x0c\x42\x11\n\x0f_expected_value\"n\n\x17KvCompareAndSetResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x1b\n\x0eprevious_value\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x10\n\x08revision\x18\x03 \x01(\x04\x42\x11\n\x0f_previous_value2\xd2\x02\n\tKvService\x12\x46\n\x03Put\x12\x1b.tunnelmesh.v1.KvPutRequest\x1a\x1c.tunnelmesh.v1.KvPutResponse\"\x04\xc0\xf3\x18\x02\x12\x46\n\x03Get\x12\x1b.tunnelmesh.v1.KvGetRequest\x1a\x1c.tunnelmesh.v1.KvGetResponse\"\x04\xc0\xf3\x18\x01\x12O\n\x06\x44\x65lete\x12\x1e.tunnelmesh.v1.KvDeleteRequest\x1a\x1f.tunnelmesh.v1.KvDeleteResponse\"\x04\xc0\xf3\x18\x02\x12\x64\n\rCompareAndSet\x12%.tunnelmesh.v1.KvCompareAndSetRequest\x1a&.tunnelmesh.v1.KvCompareAndSetResponse\"\x04\xc0\xf3\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tunnelmesh/v1/kv.proto\x12\rtunnelmesh.v1\x1a\x1atunnelmesh/v1/common.proto\"\x84\x02\n\x10KvSessionRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12*\n\x03put\x18\x03 \x01(\x0b\x32\x1b.tunnelmesh.v1.KvPutRequestH\x00\x12*\n\x03get\x18\x04 \x01(\x0b\x32\x1b.tunnelmesh.v1.KvGetRequestH\x00\x12\x30\n\x06\x64\x65lete\x18\x05 \x01(\x0b\x32\x1e.tunnelmesh.v1.KvDeleteRequestH\x00\x12@\n\x0f\x63ompare_and_set\x18\x06 \x01(\x0b\x32%.tunnelmesh.v1.KvCompareAndSetRequestH\x00\x42\x04\n\x02op\"\xa2\x02\n\x11KvSessionResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x03put\x18\x02 \x01(\x0b\x32\x1c.tunnelmesh.v1.KvPutResponseH\x00\x12+\n\x03get\x18\x03 \x01(\x0b\x32\x1c.tunnelmesh.v1.KvGetResponseH\x00\x12\x31\n\x06\x64\x65lete\x18\x04 \x01(\x0b\x32\x1f.tunnelmesh.v1.KvDeleteResponseH\x00\x12\x41\n\x0f\x63ompare_and_set\x18\x05 \x01(\x0b\x32&.tunnelmesh.v1.KvCompareAndSetResponseH\x00\x12\'\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.tunnelmesh.v1.KvErrorH\x00\x42\x08\n\x06result\"(\n\x07KvError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\">\n\x0cKvPutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\"Q\n\rKvPutResponse\x12\x1b\n\x0eprevious_value\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x12\x10\n\x08revision\x18\x02 \x01(\x04\x42\x11\n\x0f_previous_value\"*\n\x0cKvGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05stale\x18\x02 \x01(\x08\"S\n\rKvGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x12\n\nread_index\x18\x04 \x01(\x04\"2\n\x0fKvDeleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"B\n\x10KvDeleteResponse\x12\x1b\n\x0eprevious_value\x18\x01 \x01(\x0cH\x00\x88\x01\x01\x42\x11\n\x0f_previous_value\"|\n\x16KvCompareAndSetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x1b\n\x0e\x65xpected_value\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x11\n\tnew_value\x18\x04 \x01(\x0c\x42\x11\n\x0f_expected_value\"n\n\x17KvCompareAndSetResponse\x12\x11\n\tsucceeded\x18\x01 \x01(\x08\x12\x1b\n\x0eprevious_value\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x12\x10\n\x08revision\x18\x03 \x01(\x04\x42\x11\n\x0f_previous_value2\xaa\x03\n\tKvService\x12\x46\n\x03Put\x12\x1b.tunnelmesh.v1.KvPutRequest\x1a\x1c.tunnelmesh.v1.KvPutResponse\"\x04\xc0\xf3\x18\x02\x12\x46\n\x03Get\x12\x1b.tunnelmesh.v1.KvGetRequest\x1a\x1c.tunnelmesh.v1.KvGetResponse\"\x04\xc0\xf3\x18\x01\x12O\n\x06\x44\x65lete\x12\x1e.tunnelmesh.v1.KvDeleteRequest\x1a\x1f.tunnelmesh.v1.KvDeleteResponse\"\x04\xc0\xf3\x18\x02\x12\x64\n\rCompareAndSet\x12%.tunnelmesh.v1.KvCompareAndSetRequest\x1a&.tunnelmesh.v1.KvCompareAndSetResponse\"\x04\xc0\xf3\x18\x02\x12V\n\x07Session\x12\x1f.tunnelmesh.v1.KvSessionRequest\x1a .tunnelmesh.v1.KvSessionResponse\"\x04\xc0\xf3\x18\x01(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,22 +40,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVSERVICE'].methods_by_name['Delete']._serialized_options = b'\300\363\030\002'
   _globals['_KVSERVICE'].methods_by_name['CompareAndSet']._loaded_options = None
   _globals['_KVSERVICE'].methods_by_name['CompareAndSet']._serialized_options = b'\300\363\030\002'
-  _globals['_KVPUTREQUEST']._serialized_start=69
-  _globals['_KVPUTREQUEST']._serialized_end=131
-  _globals['_KVPUTRESPONSE']._serialized_start=133
-  _globals['_KVPUTRESPONSE']._serialized_end=214
-  _globals['_KVGETREQUEST']._serialized_start=216
-  _globals['_KVGETREQUEST']._serialized_end=258
-  _globals['_KVGETRESPONSE']._serialized_start=260
-  _globals['_KVGETRESPONSE']._serialized_end=343
-  _globals['_KVDELETEREQUEST']._serialized_start=345
-  _globals['_KVDELETEREQUEST']._serialized_end=395
-  _globals['_KVDELETERESPONSE']._serialized_start=397
-  _globals['_KVDELETERESPONSE']._serialized_end=463
-  _globals['_KVCOMPAREANDSETREQUEST']._serialized_start=465
-  _globals['_KVCOMPAREANDSETREQUEST']._serialized_end=589
-  _globals['_KVCOMPAREANDSETRESPONSE']._serialized_start=591
-  _globals['_KVCOMPAREANDSETRESPONSE']._serialized_end=701
-  _globals['_KVSERVICE']._serialized_start=704
-  _globals['_KVSERVICE']._serialized_end=1042
+  _globals['_KVSERVICE'].methods_by_name['Session']._loaded_options = None
+  _globals['_KVSERVICE'].methods_by_name['Session']._serialized_options = b'\300\363\030\001'
+  _globals['_KVSESSIONREQUEST']._serialized_start=70
+  _globals['_KVSESSIONREQUEST']._serialized_end=330
+  _globals['_KVSESSIONRESPONSE']._serialized_start=333
+  _globals['_KVSESSIONRESPONSE']._serialized_end=623
+  _globals['_KVERROR']._serialized_start=625
+  _globals['_KVERROR']._serialized_end=665
+  _globals['_KVPUTREQUEST']._serialized_start=667
+  _globals['_KVPUTREQUEST']._serialized_end=729
+  _globals['_KVPUTRESPONSE']._serialized_start=731
+  _globals['_KVPUTRESPONSE']._serialized_end=812
+  _globals['_KVGETREQUEST']._serialized_start=814
+  _globals['_KVGETREQUEST']._serialized_end=856
+  _globals['_KVGETRESPONSE']._serialized_start=858
+  _globals['_KVGETRESPONSE']._serialized_end=941
+  _globals['_KVDELETEREQUEST']._serialized_start=943
+  _globals['_KVDELETEREQUEST']._serialized_end=993
+  _globals['_KVDELETERESPONSE']._serialized_start=995
+  _globals['_KVDELETERESPONSE']._serialized_end=1061
+  _globals['_KVCOMPAREANDSETREQUEST']._serialized_start=1063
+  _globals['_KVCOMPAREANDSETREQUEST']._serialized_end=1187
+  _globals['_KVCOMPAREANDSETRESPONSE']._serialized_start=1189
+  _globals['_KVCOMPAREANDSETRESPONSE']._serialized_end=1299
+  _globals['_KVSERVICE']._serialized_start=1302
+  _globals['_KVSERVICE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,10 @@ INVALID_ARGUMENT for a key over 256 bytes or a value over 64 KiB.
 
 Authentication: as AdminService, an API token (`authorization: Bearer tma_...`) with at least the role named
 in each method's `required_role` option: operator to write, read-only to read.
+
+Session carries the same four operations, many at a time, on one stream: a gRPC call costs a Python
+coordinator several times the work of a message on an open stream, so a client with concurrent or
+back-to-back operations should use it.
 """
 
 from google.protobuf import descriptor as _descriptor
@@ -30,6 +34,140 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class KvSessionRequest(_message.Message):
+    """One operation of a Session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    COMPARE_AND_SET_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the client and echoed in the answer; must not equal the id of an operation still in flight."""
+    timeout_ms: _builtins.int
+    """How long the coordinator may work on it, in milliseconds; 0: 5 s (as a unary call without a deadline).
+    The stream's own deadline, if any, also bounds it.
+    """
+    @_builtins.property
+    def put(self) -> Global___KvPutRequest:
+        """As KvService.Put (needs ROLE_OPERATOR)."""
+
+    @_builtins.property
+    def get(self) -> Global___KvGetRequest:
+        """As KvService.Get (needs ROLE_READ_ONLY)."""
+
+    @_builtins.property
+    def delete(self) -> Global___KvDeleteRequest:
+        """As KvService.Delete (needs ROLE_OPERATOR)."""
+
+    @_builtins.property
+    def compare_and_set(self) -> Global___KvCompareAndSetRequest:
+        """As KvService.CompareAndSet (needs ROLE_OPERATOR)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        put: Global___KvPutRequest | None = ...,
+        get: Global___KvGetRequest | None = ...,
+        delete: Global___KvDeleteRequest | None = ...,
+        compare_and_set: Global___KvCompareAndSetRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compare_and_set", b"compare_and_set", "delete", b"delete", "get", b"get", "op", b"op", "put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_and_set", b"compare_and_set", "delete", b"delete", "get", b"get", "id", b"id", "op", b"op", "put", b"put", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "get", "delete", "compare_and_set"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___KvSessionRequest: _TypeAlias = KvSessionRequest  # noqa: Y015
+
+@_typing.final
+class KvSessionResponse(_message.Message):
+    """The answer to one operation of a Session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    COMPARE_AND_SET_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The operation's id."""
+    @_builtins.property
+    def put(self) -> Global___KvPutResponse:
+        """A put's result."""
+
+    @_builtins.property
+    def get(self) -> Global___KvGetResponse:
+        """A get's result."""
+
+    @_builtins.property
+    def delete(self) -> Global___KvDeleteResponse:
+        """A delete's result."""
+
+    @_builtins.property
+    def compare_and_set(self) -> Global___KvCompareAndSetResponse:
+        """A compare-and-set's result (a failed comparison is a result, not an error)."""
+
+    @_builtins.property
+    def error(self) -> Global___KvError:
+        """The operation failed, with the status its unary call would have ended with."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        put: Global___KvPutResponse | None = ...,
+        get: Global___KvGetResponse | None = ...,
+        delete: Global___KvDeleteResponse | None = ...,
+        compare_and_set: Global___KvCompareAndSetResponse | None = ...,
+        error: Global___KvError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compare_and_set", b"compare_and_set", "delete", b"delete", "error", b"error", "get", b"get", "put", b"put", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_and_set", b"compare_and_set", "delete", b"delete", "error", b"error", "get", b"get", "id", b"id", "put", b"put", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["put", "get", "delete", "compare_and_set", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___KvSessionResponse: _TypeAlias = KvSessionResponse  # noqa: Y015
+
+@_typing.final
+class KvError(_message.Message):
+    """A failed Session operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code number (14 = UNAVAILABLE: retry with the same request_id, maybe on another coordinator)."""
+    message: _builtins.str
+    """What went wrong, as the unary call's status message."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvError: _TypeAlias = KvError  # noqa: Y015
 
 @_typing.final
 class KvPutRequest(_message.Message):

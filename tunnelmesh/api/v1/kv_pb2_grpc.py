@@ -55,6 +55,11 @@ class KvServiceStub:
                 request_serializer=tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetRequest.SerializeToString,
                 response_deserializer=tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/tunnelmesh.v1.KvService/Session',
+                request_serializer=tunnelmesh_dot_v1_dot_kv__pb2.KvSessionRequest.SerializeToString,
+                response_deserializer=tunnelmesh_dot_v1_dot_kv__pb2.KvSessionResponse.FromString,
+                _registered_method=True)
 
 
 class KvServiceServicer:
@@ -89,6 +94,18 @@ class KvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many operations on one stream, each answered on its own as soon as it completes (not in request order).
+        Operations in flight together are concurrent, like separate calls: wait for an answer before sending an
+        operation that must come after it. Each operation is authorized with the role of its unary method, and
+        fails on its own (`error`) exactly as that method would; the stream itself ends with an error only for a
+        broken protocol (an operation without `op`, an `id` already in flight) or when the caller's token is
+        refused at the start. The client half-closes to end it; the coordinator answers what is in flight first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +128,11 @@ def add_KvServiceServicer_to_server(servicer, server):
                     servicer.CompareAndSet,
                     request_deserializer=tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetRequest.FromString,
                     response_serializer=tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=tunnelmesh_dot_v1_dot_kv__pb2.KvSessionRequest.FromString,
+                    response_serializer=tunnelmesh_dot_v1_dot_kv__pb2.KvSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +244,33 @@ class KvService:
             '/tunnelmesh.v1.KvService/CompareAndSet',
             tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetRequest.SerializeToString,
             tunnelmesh_dot_v1_dot_kv__pb2.KvCompareAndSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tunnelmesh.v1.KvService/Session',
+            tunnelmesh_dot_v1_dot_kv__pb2.KvSessionRequest.SerializeToString,
+            tunnelmesh_dot_v1_dot_kv__pb2.KvSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,6 +16,10 @@ INVALID_ARGUMENT for a key over 256 bytes or a value over 64 KiB.
 
 Authentication: as AdminService, an API token (`authorization: Bearer tma_...`) with at least the role named
 in each method's `required_role` option: operator to write, read-only to read.
+
+Session carries the same four operations, many at a time, on one stream: a gRPC call costs a Python
+coordinator several times the work of a message on an open stream, so a client with concurrent or
+back-to-back operations should use it.
 """
 
 from collections import abc as _abc
@@ -56,6 +60,14 @@ class KvServiceStub:
     """Removes `key` (succeeds if it is absent)."""
     CompareAndSet: _grpc.UnaryUnaryMultiCallable[_kv_pb2.KvCompareAndSetRequest, _kv_pb2.KvCompareAndSetResponse]
     """Sets `key` to `new_value` only if its value equals `expected_value` (or, unset, if the key is absent)."""
+    Session: _grpc.StreamStreamMultiCallable[_kv_pb2.KvSessionRequest, _kv_pb2.KvSessionResponse]
+    """Many operations on one stream, each answered on its own as soon as it completes (not in request order).
+    Operations in flight together are concurrent, like separate calls: wait for an answer before sending an
+    operation that must come after it. Each operation is authorized with the role of its unary method, and
+    fails on its own (`error`) exactly as that method would; the stream itself ends with an error only for a
+    broken protocol (an operation without `op`, an `id` already in flight) or when the caller's token is
+    refused at the start. The client half-closes to end it; the coordinator answers what is in flight first.
+    """
 
 @_typing.type_check_only
 class KvServiceAsyncStub(KvServiceStub):
@@ -70,6 +82,14 @@ class KvServiceAsyncStub(KvServiceStub):
     """Removes `key` (succeeds if it is absent)."""
     CompareAndSet: _aio.UnaryUnaryMultiCallable[_kv_pb2.KvCompareAndSetRequest, _kv_pb2.KvCompareAndSetResponse]  # type: ignore[assignment]
     """Sets `key` to `new_value` only if its value equals `expected_value` (or, unset, if the key is absent)."""
+    Session: _aio.StreamStreamMultiCallable[_kv_pb2.KvSessionRequest, _kv_pb2.KvSessionResponse]  # type: ignore[assignment]
+    """Many operations on one stream, each answered on its own as soon as it completes (not in request order).
+    Operations in flight together are concurrent, like separate calls: wait for an answer before sending an
+    operation that must come after it. Each operation is authorized with the role of its unary method, and
+    fails on its own (`error`) exactly as that method would; the stream itself ends with an error only for a
+    broken protocol (an operation without `op`, an `id` already in flight) or when the caller's token is
+    refused at the start. The client half-closes to end it; the coordinator answers what is in flight first.
+    """
 
 class KvServiceServicer(metaclass=_abc_1.ABCMeta):
     """The replicated register map."""
@@ -105,5 +125,19 @@ class KvServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kv_pb2.KvCompareAndSetResponse, _abc.Awaitable[_kv_pb2.KvCompareAndSetResponse]]:
         """Sets `key` to `new_value` only if its value equals `expected_value` (or, unset, if the key is absent)."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_kv_pb2.KvSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kv_pb2.KvSessionResponse], _abc.AsyncIterator[_kv_pb2.KvSessionResponse]]:
+        """Many operations on one stream, each answered on its own as soon as it completes (not in request order).
+        Operations in flight together are concurrent, like separate calls: wait for an answer before sending an
+        operation that must come after it. Each operation is authorized with the role of its unary method, and
+        fails on its own (`error`) exactly as that method would; the stream itself ends with an error only for a
+        broken protocol (an operation without `op`, an `id` already in flight) or when the caller's token is
+        refused at the start. The client half-closes to end it; the coordinator answers what is in flight first.
+        """
 
 def add_KvServiceServicer_to_server(servicer: KvServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
