@@ -27,14 +27,18 @@ etcd, stubs generated at start from ``bench/etcd_kv.proto`` into the temporary d
 etcd library), and the clients run in separate processes (one per 64 clients) so the client's GIL does not
 starve a server. Both are served over TLS (etcd with a certificate from a throwaway CA made at start, as a
 production etcd would be), and the members of both replicate over mutual TLS. One difference remains,
-against TunnelMesh: it checks a bearer token per call, while etcd runs without auth. Clients send to the
+against TunnelMesh: it checks a bearer token per operation, while etcd runs without auth. Each system is
+driven through its own client API: etcd with one unary ``KV`` call per operation (it has no other), TunnelMesh
+the way its client library sends KV operations, as messages on one ``KvService.Session`` stream per
+connection (``--kv-api unary``: one unary call per operation instead, as etcd). Clients send to the
 leader of each cluster (``--target follower`` or ``all``: to the followers, or to every member; followers
 forward), over one TCP connection per 16 clients. The servers, the clients and everything else on the
 machine share its CPUs: on a 2-core machine the Python coordinators
 and etcd compete with the Python clients for the same cores, equally for both systems, and a saturated
 client stack caps both (see the client CPU figures).
 
-    python bench/raft.py [--quick] [--json FILE] [--repeat N] [--target leader|follower|all] [--profile DIR]
+    python bench/raft.py [--quick] [--json FILE] [--repeat N] [--target leader|follower|all]
+                         [--kv-api session|unary] [--profile DIR]
 
 ``--repeat N`` measures N rounds with the same clusters and reports the median of each figure (and each
 round's ratios).
@@ -67,7 +71,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,6 +110,7 @@ class Config:
     clients: tuple[int, ...]
     value_size: int
     target: str
+    kv_api: str
     systems: tuple[str, ...]
     fsync_ops: int
     repeat: int
@@ -146,10 +151,13 @@ def lat_summary(seconds: list[float]) -> dict[str, float | int]:
 
 
 class Ops:
-    """``put``/``get`` on one channel of one system, with raw ``grpc.aio`` stubs (the same stack for both)."""
+    """``put``/``get`` on one channel of one system, with ``grpc.aio`` (the same stack for both): etcd's
+    unary ``KV`` calls; TunnelMesh's ``KvService.Session`` (its client library's ``KvSession``) or, with
+    ``--kv-api unary``, its unary calls."""
 
-    def __init__(self, system: str, channel: Any) -> None:
+    def __init__(self, system: str, channel: Any, kv_api: str = "session") -> None:
         self.system = system
+        self._session: Any = None
         if system == "etcd":
             import etcd_kv_pb2  # generated at bench start into the temp dir (on sys.path)
             import etcd_kv_pb2_grpc
@@ -161,21 +169,53 @@ class Ops:
 
             self._pb = kv_pb2
             self._stub = kv_pb2_grpc.KvServiceStub(channel)
+            if kv_api == "session":
+                from tunnelmesh.client import KvSession
+
+                self._session = KvSession(channel)
 
     async def put(self, key: bytes, value: bytes) -> None:
-        if self.system == "etcd":
-            await self._stub.Put(self._pb.PutRequest(key=key, value=value), timeout=RPC_TIMEOUT)
-        else:
-            req = self._pb.KvPutRequest(request_id=key.decode(), key=key, value=value)
-            await self._stub.Put(req, timeout=RPC_TIMEOUT)
+        async with _op_errors():
+            if self.system == "etcd":
+                await self._stub.Put(self._pb.PutRequest(key=key, value=value), timeout=RPC_TIMEOUT)
+            elif self._session is not None:
+                await self._session.put(key, value, request_id=key.decode(), timeout=RPC_TIMEOUT)
+            else:
+                req = self._pb.KvPutRequest(request_id=key.decode(), key=key, value=value)
+                await self._stub.Put(req, timeout=RPC_TIMEOUT)
 
     async def get(self, key: bytes) -> bool:
         """Linearizable read; returns whether the key was found."""
-        if self.system == "etcd":
-            r = await self._stub.Range(self._pb.RangeRequest(key=key), timeout=RPC_TIMEOUT)
-            return len(r.kvs) == 1
-        r = await self._stub.Get(self._pb.KvGetRequest(key=key), timeout=RPC_TIMEOUT)
-        return bool(r.found)
+        async with _op_errors():
+            if self.system == "etcd":
+                r = await self._stub.Range(self._pb.RangeRequest(key=key), timeout=RPC_TIMEOUT)
+                return len(r.kvs) == 1
+            if self._session is not None:
+                return bool((await self._session.get(key, timeout=RPC_TIMEOUT)).found)
+            r = await self._stub.Get(self._pb.KvGetRequest(key=key), timeout=RPC_TIMEOUT)
+            return bool(r.found)
+
+
+class OpFailed(Exception):
+    """An operation failed with gRPC status ``code`` (a name), whichever API sent it."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.asynccontextmanager
+async def _op_errors() -> AsyncIterator[None]:
+    import grpc
+
+    from tunnelmesh.client import ClientError
+
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise OpFailed(exc.code().name) from None
+    except ClientError as exc:
+        raise OpFailed(exc.code.name) from None
 
 
 def emit(**event: Any) -> None:
@@ -221,7 +261,7 @@ async def _worker(spec: dict[str, Any]) -> None:
         async with asyncio.timeout(30):
             for ch in channels:
                 await ch.channel_ready()
-        ops = [Ops(system, ch) for ch in channels]
+        ops = [Ops(system, ch, spec["kv_api"]) for ch in channels]
         read_keys = [f"{prefix}r{i}".encode() for i in range(READ_KEYS)]
         if mode == "seq_get":
             for k in read_keys:
@@ -246,7 +286,6 @@ async def _worker(spec: dict[str, Any]) -> None:
 
 
 async def _sequential(spec: dict[str, Any], op: Ops, read_keys: list[bytes], value: bytes) -> None:
-    import grpc
 
     n, prefix = spec["count"], spec["prefix"]
     lat: list[float] = []
@@ -261,8 +300,8 @@ async def _sequential(spec: dict[str, Any], op: Ops, read_keys: list[bytes], val
                 missing += not await op.get(read_keys[i % READ_KEYS])
             else:
                 await op.put(f"{prefix}s{i}".encode(), value)
-        except grpc.aio.AioRpcError as exc:
-            errors[exc.code().name] += 1
+        except OpFailed as exc:
+            errors[exc.code] += 1
             await asyncio.sleep(0.05)
             continue
         lat.append(time.perf_counter() - t0)
@@ -278,7 +317,6 @@ async def _sequential(spec: dict[str, Any], op: Ops, read_keys: list[bytes], val
 
 
 async def _load(spec: dict[str, Any], ops: list[Ops], t_go: float, value: bytes) -> None:
-    import grpc
 
     prefix = spec["prefix"]
     ms = t_go + spec["warmup_s"]
@@ -299,8 +337,8 @@ async def _load(spec: dict[str, Any], ops: list[Ops], t_go: float, value: bytes)
             i += 1
             try:
                 await op.put(f"{prefix}c{cid}-{i}".encode(), value)
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] += 1
+            except OpFailed as exc:
+                errors[exc.code] += 1
                 await asyncio.sleep(0.05)
                 continue
             t1 = time.monotonic()
@@ -830,6 +868,7 @@ class PhaseRunner:
                 "warmup_s": cfg.warmup_s,
                 "duration": cfg.duration,
                 "value_size": cfg.value_size,
+                "kv_api": cfg.kv_api,
                 "prefix": f"bench/{self.run_id}/{mode}/{clients}/{self.seq}/{i}/",
                 "data_dir": str(cluster.dir / "c1") if isinstance(cluster, TunnelMeshCluster) else "",
                 "etcd_ca": str(cluster.ca_file) if isinstance(cluster, EtcdCluster) else "",
@@ -1088,13 +1127,15 @@ async def bench(cfg: Config, tmp: Path, procs: Processes) -> dict[str, Any]:
             "clients": list(cfg.clients),
             "value_size": cfg.value_size,
             "target": cfg.target,
+            "kv_api": cfg.kv_api,
             "repeat": cfg.repeat,
             "clients_per_process": CLIENTS_PER_PROC,
             "clients_per_connection": CLIENTS_PER_CONN,
         },
         "note": (
             "servers and client processes share the same CPUs, equally for both systems; clients use "
-            "grpc.aio for both; ratios are TunnelMesh / etcd"
+            "grpc.aio for both (etcd: unary KV calls; TunnelMesh: see config.kv_api); ratios are "
+            "TunnelMesh / etcd"
         ),
         "results": {},
         "errors": {},
@@ -1108,6 +1149,8 @@ async def bench(cfg: Config, tmp: Path, procs: Processes) -> dict[str, Any]:
         "note: both clusters, and the Python clients driving them, share these CPUs equally; clients run in "
         f"separate processes ({CLIENTS_PER_PROC} clients each), both systems via grpc.aio"
     )
+    api = "KvService.Session streams" if cfg.kv_api == "session" else "unary KvService calls"
+    log(f"API: etcd unary KV calls (its only KV API); TunnelMesh {api} (--kv-api {cfg.kv_api})")
     gen = generate_etcd_stubs(tmp)
     log(f"[fsync] baseline, {cfg.fsync_ops} syncs each ...")
     report["fsync"] = await asyncio.to_thread(fsync_baseline, tmp, cfg.fsync_ops)
@@ -1358,6 +1401,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where clients connect: the leader (default), the followers, or every member",
     )
     p.add_argument(
+        "--kv-api",
+        choices=("session", "unary"),
+        default="session",
+        help="how TunnelMesh's clients send operations: on a KvService.Session stream, as its client library "
+        "does (default), or one unary call each, as etcd's",
+    )
+    p.add_argument(
         "--systems", default="etcd,tunnelmesh", metavar="LIST", help="which systems (default both)"
     )
     p.add_argument("--profile", type=Path, metavar="DIR", help="py-spy the coordinators in an extra window")
@@ -1398,6 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients,
         value_size=args.value_size,
         target=args.target,
+        kv_api=args.kv_api,
         systems=systems,
         fsync_ops=100 if q else 300,
         repeat=max(1, args.repeat),
