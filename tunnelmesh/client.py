@@ -34,6 +34,7 @@ import os
 import stat
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ class _BearerToken:
         return details._replace(metadata=md)
 
 
-# grpc.aio files an interceptor under the first of the four kinds it is an instance of: one class per kind.
+# grpc.aio files an interceptor under the first of the kinds it is an instance of: one class per kind.
 class _BearerUnaryUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
@@ -115,27 +116,33 @@ class _BearerStreamUnary(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-class _BearerStreamStream(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
-
-
 def _bearer(token: str) -> list[grpc.aio.ClientInterceptor]:
-    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    # No stream-stream interceptor: grpc.aio proxies every write of an intercepted bidirectional stream
+    # through a queue, an async generator and a task per write, and leaks them when the stream breaks.
+    # The one bidirectional method, KvService.Session, gets the header from KvSession (``_STREAM_TOKENS``).
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary)
     return [kind(token) for kind in kinds]
+
+
+_STREAM_TOKENS: weakref.WeakKeyDictionary[grpc.aio.Channel, str] = weakref.WeakKeyDictionary()
+"""The token :func:`open_channel` was given, per channel, for the bidirectional streams it opens."""
 
 
 def open_channel(
     address: str, *, ca_pem: bytes, token: str | None = None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.aio.Channel:
     """A TLS channel to a coordinator's public API: trusts only ``ca_pem``, accepts only a coordinator of the
-    CA's cluster, and sends ``token`` (``tma_...``/``tmn_...``) as ``authorization: Bearer`` on every call."""
-    return grpc.aio.secure_channel(
+    CA's cluster, and sends ``token`` (``tma_...``/``tmn_...``) as ``authorization: Bearer`` on every call
+    (on a :class:`KvSession` of the channel too)."""
+    channel = grpc.aio.secure_channel(
         address,
         pki.channel_credentials(ca_pem),
         options=_channel_options(ca_pem, options),
         interceptors=_bearer(token) if token else None,
     )
+    if token:
+        _STREAM_TOKENS[channel] = token
+    return channel
 
 
 def open_sync_channel(
@@ -163,8 +170,11 @@ class KvSession:
     here; :class:`Client` retries across coordinators.
     """
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, token: str | None = None) -> None:
+        """``token``: the API token to send; default: the one :func:`open_channel` made ``channel`` with."""
         self._stub = kv_pb2_grpc.KvServiceStub(channel)
+        token = token or _STREAM_TOKENS.get(channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[kv_pb2.KvSessionResponse]] = {}
@@ -240,10 +250,13 @@ class KvSession:
                         await call.write(msg)
                     except grpc.aio.AioRpcError as exc:
                         raise ClientError(exc.code(), exc.details() or "") from None
-                    except (
-                        asyncio.InvalidStateError
-                    ):  # the stream ended before this write; its reader says why
-                        pass
+                    except asyncio.InvalidStateError:
+                        pass  # the stream ended before this write; its reader fails the waiter, saying why
+                    except asyncio.CancelledError:
+                        # Out of time (or cancelled) mid-write: the stream cannot be trusted with another
+                        # write, so end it; the next operation opens a new one.
+                        call.cancel()
+                        raise
                 resp = await answer
         except TimeoutError:
             raise ClientError(
@@ -264,7 +277,7 @@ class KvSession:
 
     def _open(self) -> Any:
         if self._call is None:
-            self._call = self._stub.Session()
+            self._call = self._stub.Session(metadata=self._metadata)
             self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
         return self._call
 

@@ -56,10 +56,15 @@ async def concurrent(api: str, n: int) -> dict[str, Any]:
 
 async def raw(api: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
     async with _channel(api) as ch:
-        call = kv_pb2_grpc.KvServiceStub(ch).Session()
-        for r in requests:
-            await call.write(json_format.ParseDict(r, kv_pb2.KvSessionRequest()))
-        await call.done_writing()
+        token = os.environ.get("TUNNELMESH_API_TOKEN")
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        call = kv_pb2_grpc.KvServiceStub(ch).Session(metadata=metadata)
+        try:
+            for r in requests:
+                await call.write(json_format.ParseDict(r, kv_pb2.KvSessionRequest()))
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the coordinator ended the stream early: its status is read below
         answers = []
         code, details = "OK", ""
         try:
