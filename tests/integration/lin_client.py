@@ -4,7 +4,9 @@
     python lin_client.py ENDPOINTS --read-back KEYS_JSON   -> {"missing": [...], "errors": {...}}
 
 Each of N asyncio clients repeats, until SECONDS pass: pick a random key of K, a random operation (put, get,
-cas) and send it to a random coordinator with a short deadline. A failed attempt is retried on another
+cas) and send it to a random coordinator with a short deadline. Even-numbered clients send unary calls;
+odd-numbered ones send their operations on ``KvService.Session`` streams (one per coordinator, shared by
+them, as the client library does), so one history checks both paths. A failed attempt is retried on another
 coordinator with the *same* request id (a retry applies at most once), so a logical operation is recorded
 once: from its first call to its last answer. Every operation goes to a ``Recorder``:
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.linearizability import Recorder
 from tunnelmesh.api.v1 import kv_pb2, kv_pb2_grpc
-from tunnelmesh.client import open_channel, resolve_profile
+from tunnelmesh.client import ClientError, KvSession, open_channel, resolve_profile
 
 ATTEMPT_DEADLINE = 1.0  # seconds per gRPC attempt
 ATTEMPTS = 3  # attempts of one logical operation (on different coordinators) before giving up: unknown
@@ -53,6 +55,30 @@ if TYPE_CHECKING:
     KvStub = kv_pb2_grpc.KvServiceAsyncStub
 else:
     KvStub = kv_pb2_grpc.KvServiceStub
+
+
+class _SessionStub:
+    """The unary stub's methods used here, sent as operations of a shared ``KvSession``."""
+
+    def __init__(self, session: KvSession) -> None:
+        self._s = session
+
+    async def Put(self, req: kv_pb2.KvPutRequest, timeout: float) -> Any:  # noqa: ASYNC109 - the op's budget
+        return await self._s.run("put", req, timeout)
+
+    async def Get(self, req: kv_pb2.KvGetRequest, timeout: float) -> Any:  # noqa: ASYNC109 - the op's budget
+        return await self._s.run("get", req, timeout)
+
+    async def CompareAndSet(
+        self,
+        req: kv_pb2.KvCompareAndSetRequest,
+        timeout: float,  # noqa: ASYNC109 - the op's budget
+    ) -> Any:
+        return await self._s.run("compare_and_set", req, timeout)
+
+
+def _code(exc: grpc.aio.AioRpcError | ClientError) -> grpc.StatusCode:
+    return exc.code if isinstance(exc, ClientError) else exc.code()
 
 
 async def _put(req: kv_pb2.KvPutRequest, stub: KvStub) -> kv_pb2.KvPutResponse:
@@ -103,9 +129,9 @@ async def client(
         for attempt in range(ATTEMPTS):
             try:
                 resp: Any = await send(stubs[target])
-            except grpc.aio.AioRpcError as exc:
-                codes[exc.code().name] += 1
-                if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+            except (grpc.aio.AioRpcError, ClientError) as exc:
+                codes[_code(exc).name] += 1
+                if _code(exc) is grpc.StatusCode.INVALID_ARGUMENT:
                     rec.fail_definite(op)
                     break
                 target = (target + rng.randrange(1, len(stubs))) % len(stubs) if len(stubs) > 1 else 0
@@ -139,11 +165,15 @@ async def run(endpoints: list[str], seconds: float, out: Path, clients: int, nke
     keys = [f"k{i}".encode() for i in range(nkeys)]
     codes: collections.Counter[str] = collections.Counter()
     channels = _channels(endpoints)
+    sessions = [KvSession(ch) for ch in channels]
     try:
         # One stub list per client, in its own random order: clients spread over the coordinators.
         per_client = []
-        for _ in range(clients):
-            order: list[KvStub] = [kv_pb2_grpc.KvServiceStub(ch) for ch in channels]
+        for i in range(clients):
+            if i % 2:
+                order: list[KvStub] = [_SessionStub(s) for s in sessions]  # type: ignore[misc]  # duck-typed: the three methods used
+            else:
+                order = [kv_pb2_grpc.KvServiceStub(ch) for ch in channels]
             rng.shuffle(order)
             per_client.append(order)
         stop = asyncio.Event()
@@ -157,6 +187,8 @@ async def run(endpoints: list[str], seconds: float, out: Path, clients: int, nke
                 tg.create_task(client(f"c{i}", per_client[i], keys, rec, stop, crng, codes))
         timer.cancel()
     finally:
+        for session in sessions:
+            await session.close()
         for ch in channels:
             await ch.close()
     history = rec.history(seed=seed, endpoints=endpoints, clients=clients, seconds=seconds)
