@@ -180,6 +180,7 @@ class KvSession:
         self._waiters: dict[int, asyncio.Future[kv_pb2.KvSessionResponse]] = {}
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per stream
         self._last_id = 0
+        self._closing = False  # close() was called: a cancelled stream is ours, not the coordinator's
 
     async def put(
         self,
@@ -270,6 +271,7 @@ class KvSession:
 
     async def close(self) -> None:
         """End the stream; operations still waiting fail with CANCELLED."""
+        self._closing = True
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:
@@ -277,6 +279,7 @@ class KvSession:
 
     def _open(self) -> Any:
         if self._call is None:
+            self._closing = False
             self._call = self._stub.Session(metadata=self._metadata)
             self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
         return self._call
@@ -297,7 +300,10 @@ class KvSession:
                 # Not by us (that is the CancelledError below): the coordinator stopped with the stream open.
                 code, details = grpc.StatusCode.UNAVAILABLE, f"the session stream was cancelled: {details}"
         except asyncio.CancelledError:
-            code, details = grpc.StatusCode.CANCELLED, "the session was closed"
+            if self._closing:
+                code, details = grpc.StatusCode.CANCELLED, "the session was closed"
+            else:  # an operation ran out of time mid-write and reset the stream: the others may be retried
+                code, details = grpc.StatusCode.UNAVAILABLE, "the session stream was reset"
         finally:
             if self._call is call:
                 self._call = None  # the next operation opens a new stream
