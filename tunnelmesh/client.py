@@ -157,6 +157,11 @@ def open_sync_channel(
 
 _ANSWER_GRACE = 0.5  # seconds a session operation waits past its timeout for the coordinator's own answer
 
+SESSION_READY_HEADER = ("tunnelmesh-session", "ready")
+"""The response header a coordinator sends as soon as it has accepted a ``KvService.Session``. The client
+waits for it before its first write: a stream refused at the start (the API token) ends without it, and a
+write racing that refusal would turn the refusal's status into grpc.aio's local INTERNAL."""
+
 
 class KvSession:
     """KV operations on one ``KvService.Session`` stream of ``channel`` (kv.proto), many in flight at once.
@@ -177,6 +182,7 @@ class KvSession:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None  # done once the coordinator accepted the stream
         self._waiters: dict[int, asyncio.Future[kv_pb2.KvSessionResponse]] = {}
         self._write_lock = asyncio.Lock()  # grpc.aio allows one write at a time per stream
         self._last_id = 0
@@ -245,7 +251,10 @@ class KvSession:
         self._waiters[op_id] = answer
         try:
             async with asyncio.timeout(timeout + _ANSWER_GRACE):
-                call = self._open()
+                call, ready = self._open()
+                if not ready.done():
+                    await asyncio.shield(ready)  # shared by every operation waiting for the stream to open
+                ready.result()  # the stream's refusal, if it was refused
                 async with self._write_lock:
                     try:
                         await call.write(msg)
@@ -277,16 +286,22 @@ class KvSession:
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
-    def _open(self) -> Any:
-        if self._call is None:
+    def _open(self) -> tuple[Any, asyncio.Future[None]]:
+        if self._call is None or self._ready is None:
             self._closing = False
+            loop = asyncio.get_running_loop()
             self._call = self._stub.Session(metadata=self._metadata)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
-        return self._call
+            self._ready = loop.create_future()
+            self._reader = loop.create_task(self._read(self._call, self._ready))
+        return self._call, self._ready
 
-    async def _read(self, call: Any) -> None:
+    async def _read(self, call: Any, ready: asyncio.Future[None]) -> None:
         code, details = grpc.StatusCode.UNAVAILABLE, "the session stream ended"
         try:
+            if SESSION_READY_HEADER not in tuple(await call.initial_metadata() or ()):
+                code, details = await call.code(), await call.details()  # refused: the status says why
+                return
+            ready.set_result(None)
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
@@ -306,7 +321,10 @@ class KvSession:
                 code, details = grpc.StatusCode.UNAVAILABLE, "the session stream was reset"
         finally:
             if self._call is call:
-                self._call = None  # the next operation opens a new stream
+                self._call = self._ready = None  # the next operation opens a new stream
+            if not ready.done():
+                ready.set_exception(ClientError(code, details))
+                ready.exception()  # retrieved here: the waiting operations raise it themselves
             for waiter in self._waiters.values():
                 if not waiter.done():
                     waiter.set_exception(ClientError(code, details))

@@ -2,6 +2,7 @@
 
     python kv_session_probe.py API concurrent N        -> {"answered": ..., "wrong": [...], "seconds": ...}
     python kv_session_probe.py API raw REQUESTS_JSON   -> {"answers": [...], "code": "OK"|..., "details": ...}
+    python kv_session_probe.py API raw-open REQUESTS_JSON  -> the same without half-closing
     python kv_session_probe.py API revoke TOKEN        -> {"before": ..., "after": ...}
     python kv_session_probe.py URL metrics             -> {"op/code": count} (tunnelmesh_kv_session_...)
 
@@ -30,7 +31,7 @@ from google.protobuf import json_format
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tunnelmesh.api.v1 import kv_pb2, kv_pb2_grpc
-from tunnelmesh.client import Client, ClientError, KvSession, open_channel
+from tunnelmesh.client import SESSION_READY_HEADER, Client, ClientError, KvSession, open_channel
 from tunnelmesh.tokens import ApiToken
 
 
@@ -54,17 +55,20 @@ async def concurrent(api: str, n: int) -> dict[str, Any]:
         return {"answered": len(got), "wrong": wrong, "seconds": time.monotonic() - t0}
 
 
-async def raw(api: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
+async def raw(api: str, requests: list[dict[str, Any]], half_close: bool = True) -> dict[str, Any]:
     async with _channel(api) as ch:
         token = os.environ.get("TUNNELMESH_API_TOKEN")
         metadata = (("authorization", f"Bearer {token}"),) if token else None
         call = kv_pb2_grpc.KvServiceStub(ch).Session(metadata=metadata)
-        try:
-            for r in requests:
-                await call.write(json_format.ParseDict(r, kv_pb2.KvSessionRequest()))
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the coordinator ended the stream early: its status is read below
+        # As docs/api.md says: wait for the coordinator to accept the stream before writing.
+        if SESSION_READY_HEADER in tuple(await call.initial_metadata() or ()):
+            try:
+                for r in requests:
+                    await call.write(json_format.ParseDict(r, kv_pb2.KvSessionRequest()))
+                if half_close:
+                    await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the coordinator ended the stream early (a broken protocol): its status is read below
         answers = []
         code, details = "OK", ""
         try:
@@ -123,8 +127,8 @@ def main() -> None:
         out: Any = asyncio.run(concurrent(target, int(args[0])))
     elif mode == "revoke":
         out = asyncio.run(revoke(target, args[0]))
-    elif mode == "raw":
-        out = asyncio.run(raw(target, json.loads(args[0])))
+    elif mode in ("raw", "raw-open"):
+        out = asyncio.run(raw(target, json.loads(args[0]), half_close=mode == "raw"))
     else:
         out = metrics(target)
     print(json.dumps(out), flush=True)

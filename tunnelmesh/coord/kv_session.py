@@ -11,7 +11,9 @@ with its id when it completes, in completion order. A failed operation is answer
 message; the stream goes on. The stream itself ends with INVALID_ARGUMENT only for a broken protocol (an
 operation without ``op``, an id already in flight), cancelling what is in flight (a write among them may
 still commit, as after a cancelled unary call). When the client half-closes, everything in flight is answered
-and the stream ends OK.
+and the stream ends OK. The coordinator sends the response header ``tunnelmesh-session: ready`` as soon as it
+has accepted the stream (after the API-token check of its opening), so a client can tell a refused stream from
+an open one before it writes (see ``client.SESSION_READY_HEADER``).
 
 Flow control: at most ``MAX_IN_FLIGHT`` operations run per session; beyond that this side stops reading, and
 HTTP/2 flow control holds the client back.
@@ -28,6 +30,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from tunnelmesh.api.v1 import kv_pb2
+from tunnelmesh.client import SESSION_READY_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ async def serve(
     max_in_flight: int = MAX_IN_FLIGHT,
 ) -> None:
     """Serve one session on ``context`` until the client half-closes (or cancels)."""
+    await context.send_initial_metadata((SESSION_READY_HEADER,))
     SESSIONS.inc()
     try:
         broken = await _serve(requests, context, run, max_in_flight)
