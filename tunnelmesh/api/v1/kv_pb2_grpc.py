@@ -100,7 +100,9 @@ class KvServiceServicer:
         operation that must come after it. Each operation is authorized with the role of its unary method, and
         fails on its own (`error`) exactly as that method would; the stream itself ends with an error only for a
         broken protocol (an operation without `op`, an `id` already in flight) or when the caller's token is
-        refused at the start. The client half-closes to end it; the coordinator answers what is in flight first.
+        refused at the start. Once it accepts the stream the coordinator sends the response header
+        `tunnelmesh-session: ready`: wait for it before the first operation (a refused stream ends without it).
+        The client half-closes to end it; the coordinator answers what is in flight first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
