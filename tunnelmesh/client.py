@@ -274,6 +274,8 @@ class KvSession:
             ) from None
         finally:
             self._waiters.pop(op_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # a failure the stream reported while this one was failing otherwise
         if resp.HasField("error"):
             raise ClientError(_status(resp.error.code), resp.error.message)
         return getattr(resp, which)

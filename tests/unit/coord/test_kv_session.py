@@ -5,6 +5,7 @@ real in-process gRPC server whose operations the test controls. The same path ag
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -216,6 +217,25 @@ async def test_client_session_reopens_after_the_server_ended_the_stream(server: 
     ops.gate(b"second").set()
     assert (await s.get(b"second", timeout=2.0)).value == b"v:second"  # a new stream
     await s.close()
+
+
+async def test_client_session_refused_fails_every_waiting_operation_and_leaves_nothing_unretrieved(
+    server: Any,
+) -> None:
+    _, servicer, ch = await server()
+    servicer.abort_with = grpc.StatusCode.UNAUTHENTICATED
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    s = KvSession(ch)
+    results = await asyncio.gather(*(s.get(f"k{i}".encode()) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, ClientError) and r.code == grpc.StatusCode.UNAUTHENTICATED for r in results)
+    await s.close()
+    del results
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unhandled == []  # e.g. "Future exception was never retrieved"
+    loop.set_exception_handler(None)
 
 
 async def test_client_session_gives_up_after_its_timeout(server: Any) -> None:
