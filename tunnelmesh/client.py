@@ -277,7 +277,7 @@ class KvSession:
             if answer.done() and not answer.cancelled():
                 answer.exception()  # a failure the stream reported while this one was failing otherwise
         if resp.HasField("error"):
-            raise ClientError(_status(resp.error.code), resp.error.message)
+            raise ClientError(status_code(resp.error.code), resp.error.message)
         return getattr(resp, which)
 
     async def close(self) -> None:
@@ -332,7 +332,8 @@ class KvSession:
                     waiter.set_exception(ClientError(code, details))
 
 
-def _status(number: int) -> grpc.StatusCode:
+def status_code(number: int) -> grpc.StatusCode:
+    """The gRPC status with wire number ``number`` (``KvError.code``); UNKNOWN for a number gRPC lacks."""
     return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
@@ -396,36 +397,29 @@ class Client:
                     raise
         raise AssertionError("unreachable")
 
-    async def _kv(self, which: str, request: Any) -> Any:
-        async def fn(ch: grpc.aio.Channel, t: float) -> Any:
-            return await self._sessions[id(ch)].run(which, request, t)
+    # -- KV: on each coordinator's KvSession; a request id stays the same across retries -------------------
 
-        return await self._call(fn)
-
-    # -- KV --------------------------------------------------------------------------------------------------
+    def _on(self, ch: grpc.aio.Channel) -> KvSession:
+        return self._sessions[id(ch)]
 
     async def put(self, key: bytes, value: bytes, *, request_id: str | None = None) -> kv_pb2.KvPutResponse:
-        req = kv_pb2.KvPutRequest(request_id=request_id or uuid.uuid4().hex, key=key, value=value)
-        r: kv_pb2.KvPutResponse = await self._kv("put", req)
-        return r
+        rid = request_id or uuid.uuid4().hex
+        return await self._call(lambda ch, t: self._on(ch).put(key, value, request_id=rid, timeout=t))
 
     async def get(self, key: bytes, *, stale: bool = False) -> kv_pb2.KvGetResponse:
-        r: kv_pb2.KvGetResponse = await self._kv("get", kv_pb2.KvGetRequest(key=key, stale=stale))
-        return r
+        return await self._call(lambda ch, t: self._on(ch).get(key, stale=stale, timeout=t))
 
     async def delete(self, key: bytes, *, request_id: str | None = None) -> kv_pb2.KvDeleteResponse:
-        req = kv_pb2.KvDeleteRequest(request_id=request_id or uuid.uuid4().hex, key=key)
-        r: kv_pb2.KvDeleteResponse = await self._kv("delete", req)
-        return r
+        rid = request_id or uuid.uuid4().hex
+        return await self._call(lambda ch, t: self._on(ch).delete(key, request_id=rid, timeout=t))
 
     async def compare_and_set(
         self, key: bytes, expected: bytes | None, new: bytes, *, request_id: str | None = None
     ) -> kv_pb2.KvCompareAndSetResponse:
-        req = kv_pb2.KvCompareAndSetRequest(request_id=request_id or uuid.uuid4().hex, key=key, new_value=new)
-        if expected is not None:
-            req.expected_value = expected
-        r: kv_pb2.KvCompareAndSetResponse = await self._kv("compare_and_set", req)
-        return r
+        rid = request_id or uuid.uuid4().hex
+        return await self._call(
+            lambda ch, t: self._on(ch).compare_and_set(key, expected, new, request_id=rid, timeout=t)
+        )
 
     # -- cluster admin ---------------------------------------------------------------------------------------
 

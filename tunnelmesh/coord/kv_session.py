@@ -30,7 +30,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from tunnelmesh.api.v1 import kv_pb2
-from tunnelmesh.client import SESSION_READY_HEADER
+from tunnelmesh.client import SESSION_READY_HEADER, status_code
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,4 @@ async def _serve(
 
 
 def _code_name(resp: kv_pb2.KvSessionResponse) -> str:
-    if not resp.HasField("error"):
-        return "OK"
-    return _CODES.get(resp.error.code, str(resp.error.code))
-
-
-_CODES = {c.value[0]: c.name for c in grpc.StatusCode}
+    return status_code(resp.error.code).name if resp.HasField("error") else "OK"
