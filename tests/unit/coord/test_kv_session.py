@@ -249,3 +249,30 @@ async def test_client_session_gives_up_after_its_timeout(server: Any) -> None:
     assert "no answer to the get in 0.2 s" in str(err.value)
     assert loop.time() - t0 < 3.0
     await s.close()
+
+
+async def test_client_session_write_held_back_by_flow_control_gives_up_at_its_timeout(server: Any) -> None:
+    # The coordinator runs one operation and reads no further (max_in_flight=1): a megabyte put then fills the
+    # stream's HTTP/2 window and its write blocks. It must end at its own deadline, and take the stream with
+    # it (half a message may be on the wire): the operation held there fails UNAVAILABLE, to be retried.
+    ops, _, ch = await server(max_in_flight=1)
+    s = KvSession(ch)
+    held = asyncio.ensure_future(s.get(b"held", timeout=30.0))
+    await until(lambda: ops.started == [b"held"], "running")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    big = b"x" * (1 << 20)  # 32 MiB in all: more than any window the transport grants a stream nobody reads
+    puts = await asyncio.gather(
+        *(s.put(f"p{i}".encode(), big, timeout=0.5) for i in range(32)), return_exceptions=True
+    )
+    assert loop.time() - t0 < 3.0
+    failed = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
+    assert all(isinstance(p, ClientError) and p.code in failed for p in puts), puts
+    with pytest.raises(ClientError) as err:
+        await held
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and "reset" in str(err.value)
+    await until(lambda: ops.cancelled == [b"held"], "the stream's operation cancelled on the server")
+    assert ops.started == [b"held"]  # no put reached it
+    ops.gate(b"after").set()
+    assert (await s.get(b"after", timeout=2.0)).value == b"v:after"  # on a new stream
+    await s.close()
