@@ -529,6 +529,12 @@ class CoordConfig(_Model):
         description="Voting members at most; further coordinators stay learners.",
         examples=[5],
     )
+    dead_voter_timeout: Duration = Field(
+        default=timedelta(minutes=5),
+        description="A voter the leader has not heard from for this long is replaced by a caught-up learner, "
+        "when one is waiting (removed, then the learner promoted); 0s = never (replace with cluster remove).",
+        examples=["5m"],
+    )
     storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
     admin_token: Secret | None = Field(
         default=None, description="Initial admin API token; unset = generated at bootstrap and printed once."
@@ -544,6 +550,14 @@ class CoordConfig(_Model):
                 f"use an odd number, e.g. {value - 1} or {value + 1}: {value} voters tolerate no more "
                 f"failures than {value - 1}"
             )
+        return value
+
+    @field_validator("dead_voter_timeout")
+    @classmethod
+    def _dead_voter_timeout(cls, value: timedelta) -> timedelta:
+        if value and value < timedelta(seconds=1):
+            # A voter is silent for up to an election timeout in normal operation (a restart, a re-election).
+            raise _fail("use 0s (never) or at least 1s, e.g. 5m; a few election timeouts at the very least")
         return value
 
     @model_validator(mode="after")

@@ -1,18 +1,26 @@
 """Joining is explicit: a coordinator with an empty data dir and nothing to join refuses to start (no
 accidental second cluster); with ``--mdns`` and the join secret it finds a member on the LAN and joins as a
 learner (and stays one while promoting it would make the number of voters even). A member restarted on other
-addresses makes the others use them; the join secret rotates by rolling restart. Needs root; about 45 s."""
+addresses makes the others use them; the join secret rotates by rolling restart; a learner replaces a voter
+that stays silent past ``--dead-voter-timeout``. Needs root; about 65 s."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.coordlab import CoordLab
 from tunnelmesh.netlab import Lab
+
+SCRAPE = (
+    "import sys, urllib.request as u\n"
+    "print(u.urlopen(f'http://{sys.argv[1]}:8080/metrics', timeout=10).read().decode())"
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -101,3 +109,47 @@ def test_rotating_the_join_secret_by_rolling_restart(tmp_path: Path) -> None:
         cl.wait_for(
             lambda s: joiner.member_id in s["learners"] + s["voters"], timeout=30, what="the joiner, a member"
         )
+
+
+def test_a_caught_up_learner_takes_the_place_of_a_voter_silent_past_the_timeout(tmp_path: Path) -> None:
+    timeout = 8.0  # coord.dead_voter_timeout here (default 5m)
+    flag = ("--dead-voter-timeout", f"{timeout:g}s")
+    with Lab(log_dir=tmp_path / "netlab") as lab:
+        cl = CoordLab(lab, tmp_path)
+        cl.start_cluster(3, *flag)
+        leader = cl.leader()
+        dead = next(c for c in cl.coords if c is not leader)
+        dead_id = dead.member_id
+        dead.kill()
+        killed = time.monotonic()
+        live = [c for c in cl.coords if c is not dead]
+        spare = cl.add()
+        spare.start("--seed", leader.api, "--join-secret", cl.join_secret(), *flag)
+        spare.wait_serving(timeout=30)
+        live.append(spare)
+        st = cl.wait_for(
+            lambda s: spare.member_id in s["learners"], timeout=20, what="the new one as a learner", via=live
+        )
+        waited = time.monotonic() - killed
+        assert waited < timeout - 1.0, (
+            f"the check below needs the learner in place before the timeout ({waited})"
+        )
+        assert dead_id in st["voters"]  # silent, but not for long enough yet
+        st = cl.wait_for(
+            lambda s: sorted(s["voters"]) == sorted(c.member_id for c in live) and not s["learners"],
+            timeout=30,
+            what="the new one a voter in the silent one's place",
+            via=live,
+        )
+        assert time.monotonic() - killed >= timeout
+        assert re.search(rf"event=dead_voter_removed member={dead_id.lstrip('0')} ", leader.log()), (
+            leader.log()
+        )
+        metrics = cl.client.run([sys.executable, "-c", SCRAPE, leader.host.ip], timeout=20).stdout
+        assert "tunnelmesh_coord_dead_voters_removed_total 1.0" in metrics
+        res = cl.ops(live, [["put", "after", "yes"], ["get", "after"]])
+        assert res[1]["value"] == "yes", res
+        # The removed coordinator, started again, learns it was removed and stops (exit 0: no restart loop).
+        proc = dead.start()
+        assert proc.wait(30) == 0
+        assert "event=coordinator_removed" in proc.log_text()

@@ -75,6 +75,13 @@ from tunnelmesh.coord.server import JOIN_SECRET_ENV, CoordOptions, run_coordinat
 @click.option("--name", default=None, help="Human-readable name (default: the host name).")
 @click.option("--max-voters", type=int, default=None, help="Voting members at most (odd; coord.max_voters).")
 @click.option(
+    "--dead-voter-timeout",
+    default=None,
+    metavar="DURATION",
+    help="Replace a voter silent this long by a caught-up learner, if one waits (coord.dead_voter_timeout, "
+    "default 5m; 0s = never).",
+)
+@click.option(
     "--snapshot-entries",
     type=int,
     default=10_000,
@@ -97,6 +104,7 @@ def coord(
     mesh_prefix: str | None,
     name: str | None,
     max_voters: int | None,
+    dead_voter_timeout: str | None,
     snapshot_entries: int,
 ) -> None:
     """Run a coordinator: bootstrap a new cluster (--bootstrap), join one (--seed / --mdns with
@@ -111,6 +119,7 @@ def coord(
         "coord.advertise_host": advertise_host,
         "coord.name": name,
         "coord.max_voters": max_voters,
+        "coord.dead_voter_timeout": dead_voter_timeout,
         "coord.mesh_domain": mesh_domain,
         "coord.mesh_cidr": mesh_prefix,
     }
@@ -132,6 +141,7 @@ def coord(
         cluster_id=cfg.cluster_id,
         name=cfg.name,
         max_voters=cfg.max_voters,
+        dead_voter_timeout=cfg.dead_voter_timeout.total_seconds(),
         driver=DriverOptions(
             tick=cfg.raft.tick.total_seconds(),
             election_ticks=cfg.raft.election_ticks,

@@ -104,6 +104,7 @@ class CoordOptions:
     cluster_id: str | None = None
     name: str = field(default_factory=socket.gethostname)
     max_voters: int = 5
+    dead_voter_timeout: float = 300.0  # seconds (coord.dead_voter_timeout); 0: never replace a silent voter
     driver: DriverOptions = field(default_factory=DriverOptions)
     join_timeout: float = 60.0
     # Mesh settings proposed once by a bootstrapping coordinator (--mesh-domain, --mesh-prefix).
@@ -477,6 +478,7 @@ class CoordinatorProcess:
             self_member=me,
             join_bundle=bundle,
             max_voters=self.opts.max_voters,
+            dead_voter_timeout=self.opts.dead_voter_timeout,
             ca_fingerprint=ca.fingerprint if ca is not None else "",
         )
         # For local clients (`--data-dir D`): where this coordinator's API is. Written first: a full disk

@@ -79,6 +79,20 @@ _ERROR_CODES = {
 _ANSWER_MARGIN = 0.2  # seconds kept back from a caller's deadline to send it our answer
 
 
+def dead_voter_to_remove(voters: list[int], silent: dict[int, float], timeout: float) -> int | None:
+    """The voter to remove so that a waiting learner can take its place, or None. ``silent``: seconds since
+    the leader last heard from each other voter (the leader itself is not in it). Only a voter silent for
+    ``timeout`` goes, the longest silent first, and only while the voters left that answer still make a
+    quorum of the smaller configuration (the removal itself needs the current one's)."""
+    dead = [v for v in voters if silent.get(v, 0.0) >= timeout]
+    if not timeout or not dead:
+        return None
+    live = len(voters) - len(dead)
+    if live < len(voters) // 2 + 1 or live < (len(voters) - 1) // 2 + 1:
+        return None
+    return max(dead, key=lambda v: silent[v])
+
+
 class RequestFailed(Exception):
     """A request failed with a gRPC status the servicer returns as is."""
 
@@ -107,6 +121,7 @@ class Coordinator:
         self_member: raft_pb2.Member,
         join_bundle: Callable[[], bytes] | None,
         max_voters: int,
+        dead_voter_timeout: float = 0.0,
         ca_fingerprint: str = "",
     ) -> None:
         self.driver = driver
@@ -116,6 +131,8 @@ class Coordinator:
         self._make_bundle = join_bundle
         self._bundle: bytes | None = None
         self.max_voters = max_voters
+        self.dead_voter_timeout = dead_voter_timeout  # seconds; 0: never replace a silent voter
+        self._leading_since: float | None = None  # monotonic time this member's current leadership began
         self._membership_lock = asyncio.Lock()
         self._forwarder = Forwarder(driver.transport)
         driver.transport.set_handler(self)
@@ -412,28 +429,34 @@ class Coordinator:
     # -- membership upkeep (leader) --------------------------------------------------------------------------
 
     async def membership_loop(self) -> None:
-        """Promote caught-up learners to voters while that keeps the voter count odd and <= max_voters."""
+        """Promote caught-up learners to voters while that keeps the voter count odd and <= max_voters, and
+        let such a learner take the place of a voter silent for ``dead_voter_timeout``."""
         while True:
             await asyncio.sleep(0.3)
             d = self.driver
             if not d.is_leader:
+                self._leading_since = None
                 continue
+            if self._leading_since is None:
+                self._leading_since = time.monotonic()
             try:
-                await self._promote_once()
+                if not await self._promote_once():
+                    await self._replace_dead_voter()
             except RequestFailed as exc:
                 log.info("event=member_promotion_deferred reason=%r", exc.message)
 
-    async def _promote_once(self) -> None:
+    async def _promote_once(self) -> bool:
+        """Promote one caught-up learner if the voter count allows. False: one waits, the voters are full."""
         d = self.driver
         async with self._membership_lock:
             voters = len(d.conf_state.voters)
             ready = d.caught_up_learners(PROMOTE_MAX_LAG)
             if not ready:
-                return
+                return True
             total = voters + len(ready)
             target = min(self.max_voters, total if total % 2 == 1 else total - 1)
             if voters >= target:
-                return
+                return False
             mid = ready[0]
             member = d.registry.members.get(mid)
             ctx = member.SerializeToString() if member is not None else b""
@@ -441,6 +464,40 @@ class Coordinator:
                 ConfChange(ConfChangeType.ADD_NODE, mid, ctx), time.monotonic() + 5.0
             )
             log.info("event=member_promoted member=%x index=%d voters=%d", mid, index, voters + 1)
+            return True
+
+    async def _replace_dead_voter(self) -> None:
+        """A caught-up learner waits and the voters are full: remove a voter this leader has not heard from
+        for ``dead_voter_timeout`` (the next round promotes the learner in its place)."""
+        if not self.dead_voter_timeout or self._leading_since is None:
+            return
+        d = self.driver
+        async with self._membership_lock:
+            st = d.status()
+            if not d.caught_up_learners(PROMOTE_MAX_LAG):
+                return
+            # Silence as this leader knows it: a voter never heard from since it took office counts from then.
+            tenure = time.monotonic() - self._leading_since
+            silent: dict[int, float] = {}
+            for v in st.conf_state.voters:
+                p = st.peers.get(v)
+                age = p.last_contact_age if p is not None else None
+                if v != st.member_id:
+                    silent[v] = tenure if age is None else min(tenure, age)
+            mid = dead_voter_to_remove(list(st.conf_state.voters), silent, self.dead_voter_timeout)
+            if mid is None:
+                return
+            index = await self._conf_change(
+                ConfChange(ConfChangeType.REMOVE_NODE, mid), time.monotonic() + 5.0
+            )
+            DEAD_VOTERS_REMOVED.inc()
+            log.warning(
+                "event=dead_voter_removed member=%x silent_seconds=%.0f index=%d: a caught-up learner takes "
+                "its place; that coordinator cannot come back under its old id (wipe its data dir, rejoin)",
+                mid,
+                silent[mid],
+                index,
+            )
 
     async def remove_member(self, mid: int, timeout: float) -> None:  # noqa: ASYNC109 - a wait budget
         d = self.driver
@@ -699,6 +756,11 @@ _VALID_ROLES = {common_pb2.ROLE_READ_ONLY, common_pb2.ROLE_OPERATOR, common_pb2.
 
 SNAPSHOT_CHUNK = 1 << 20  # bytes of snapshot data per SaveSnapshot message (well under gRPC's 4 MiB limit)
 
+DEAD_VOTERS_REMOVED = Counter(
+    "tunnelmesh_coord_dead_voters_removed_total",
+    "Voters this leader removed because it had not heard from them for coord.dead_voter_timeout while a "
+    "caught-up learner waited to take their place.",
+)
 ADMIN_FAILURES = Counter(
     "tunnelmesh_admin_requests_failed",
     "AdminService node and token calls that failed, by method and gRPC status code (bad input included).",
