@@ -17,8 +17,9 @@ from tunnelmesh.cli.dataplane_cmd import format_status
 from tunnelmesh.errors import ConfigError
 from tunnelmesh.node import resolvconf, wgquick
 
-PRIV = base64.b64encode(bytes(nacl.public.PrivateKey.generate())).decode()
-PEER_PRIV = nacl.public.PrivateKey.generate()
+# Fixed keys: they appear in test ids, which must not change between runs (or between pytest-xdist workers).
+PRIV = base64.b64encode(bytes(nacl.public.PrivateKey(bytes(range(1, 33))))).decode()
+PEER_PRIV = nacl.public.PrivateKey(bytes(range(33, 65)))
 PUB = base64.b64encode(bytes(PEER_PRIV.public_key)).decode()
 PSK = base64.b64encode(bytes(range(32))).decode()
 
