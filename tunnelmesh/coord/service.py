@@ -44,7 +44,7 @@ from tunnelmesh.api.v1 import (
 from tunnelmesh.coord import kv_session, state
 from tunnelmesh.coord.auth import AuthFailure
 from tunnelmesh.coord.forward import Forwarder
-from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver
+from tunnelmesh.coord.raft.driver import DeadlineExceeded, Driver, PeerStatus
 from tunnelmesh.coord.raft.errors import NotLeader, ProposalDropped, RaftError, Stopped
 from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, StateType
 from tunnelmesh.coord.raft.transport import member_label
@@ -528,15 +528,7 @@ class Coordinator:
         st = d.status()
         if st.leader_id != st.member_id:
             return 0
-        recent = d.opts.tick * d.opts.election_ticks
-        others = [
-            v
-            for v in st.conf_state.voters
-            if v != st.member_id
-            and (p := st.peers.get(v)) is not None
-            and p.last_contact_age is not None
-            and p.last_contact_age < recent
-        ]
+        others = [v for v in st.conf_state.voters if v != st.member_id and self._answers(st.peers.get(v))]
         return max(others, key=lambda v: st.peers[v].match, default=0)
 
     async def transfer_leadership(self, target: int, timeout: float) -> bool:  # noqa: ASYNC109 - a wait budget
@@ -577,6 +569,13 @@ class Coordinator:
             (time.monotonic() - started) * 1000,
         )
 
+    def _answers(self, peer: PeerStatus | None) -> bool:
+        """The member answered this leader within an election timeout. (Not Raft's ``recent_active``: the
+        leader clears that at every quorum check and sets it again at the next answer, so it flickers.)"""
+        opts = self.driver.opts
+        age = peer.last_contact_age if peer is not None else None
+        return age is not None and age < opts.tick * opts.election_ticks
+
     # -- admin views -----------------------------------------------------------------------------------------
 
     def members_proto(self) -> list[admin_pb2.Member]:
@@ -607,7 +606,7 @@ class Coordinator:
                 m.match_index = peer.match
                 if peer.last_contact_age is not None:
                     m.last_contact_age.FromNanoseconds(int(peer.last_contact_age * 1e9))
-                m.healthy = st.role == StateType.LEADER and peer.recent_active
+                m.healthy = st.role == StateType.LEADER and self._answers(peer)
             out.append(m)
         return out
 

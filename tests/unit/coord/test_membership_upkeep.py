@@ -1,6 +1,7 @@
-"""Which voter a leader may remove to let a waiting learner take its place (``coord.dead_voter_timeout``).
-The whole path with real coordinators (kill -9 a voter, a new one joins and replaces it) is
-tests/integration/test_coord_join.py."""
+"""The leader's view of its members: which voter it may remove to let a waiting learner take its place
+(``coord.dead_voter_timeout``), and which members count as healthy. The whole path with real coordinators
+(kill -9 a voter, a new one joins and replaces it; ``cluster status``) is tests/integration/test_coord_join.py
+and tests/integration/test_coord_cluster.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from tunnelmesh.api.raft.v1 import raft_pb2
-from tunnelmesh.coord.raft.driver import PeerStatus
-from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, ConfState
+from tunnelmesh.coord.raft.driver import DriverOptions, PeerStatus
+from tunnelmesh.coord.raft.messages import ConfChange, ConfChangeType, ConfState, StateType
 from tunnelmesh.coord.service import Coordinator, dead_voter_to_remove
 
 LEADER, A, B, C, D = 1, 2, 3, 4, 5
@@ -50,6 +51,7 @@ class _Driver:
     """The slice of ``Driver`` the membership upkeep reads: a leader whose peers stay silent."""
 
     def __init__(self) -> None:
+        self.opts = DriverOptions()  # election timeout 1 s
         self.member_id = LEADER
         self.is_leader = True
         self.conf_state = ConfState(voters=(LEADER, A, B), learners=(C,))
@@ -61,9 +63,22 @@ class _Driver:
         return list(self.conf_state.learners)
 
     def status(self) -> SimpleNamespace:
-        # A answers; B was never heard from by this leader (it died before this leader took office).
-        peers = {A: PeerStatus(A, 10, True, 0.05), B: PeerStatus(B, 0, False, None)}
-        return SimpleNamespace(member_id=LEADER, conf_state=self.conf_state, peers=peers)
+        # A answers; B was never heard from by this leader (it died before this leader took office). C
+        # answered 50 ms ago, but Raft's recent_active is clear: the leader's quorum check just reset it.
+        peers = {
+            A: PeerStatus(A, 10, True, 0.05),
+            B: PeerStatus(B, 0, False, None),
+            C: PeerStatus(C, 10, False, 0.05),
+        }
+        return SimpleNamespace(
+            member_id=LEADER,
+            leader_id=LEADER,
+            role=StateType.LEADER,
+            commit=10,
+            conf_state=self.conf_state,
+            peers=peers,
+            members={},
+        )
 
     async def propose_conf_change(self, cc: ConfChange, _timeout: float) -> int:
         self.proposed.append(cc)
@@ -95,3 +110,15 @@ async def test_a_voter_never_heard_from_counts_as_silent_from_when_this_leader_t
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
+
+
+def test_healthy_means_answered_the_leader_within_an_election_timeout() -> None:
+    member = raft_pb2.Member(member_id=LEADER)
+    coord = Coordinator(_Driver(), self_member=member, join_bundle=None, max_voters=3)  # type: ignore[arg-type]
+    health = {m.member_id: m.healthy for m in coord.members_proto()}
+    assert health == {
+        "0000000000000001": True,
+        "0000000000000002": True,
+        "0000000000000003": False,
+        "0000000000000004": True,
+    }
