@@ -42,6 +42,7 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -554,10 +555,15 @@ class CoordConfig(_Model):
 
     @field_validator("dead_voter_timeout")
     @classmethod
-    def _dead_voter_timeout(cls, value: timedelta) -> timedelta:
-        if value and value < timedelta(seconds=1):
-            # A voter is silent for up to an election timeout in normal operation (a restart, a re-election).
-            raise _fail("use 0s (never) or at least 1s, e.g. 5m; a few election timeouts at the very least")
+    def _dead_voter_timeout(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        raft = info.data.get("raft")  # validated first (declared above): absent only if it failed itself
+        election = raft.tick * raft.election_ticks if isinstance(raft, RaftConfig) else timedelta(0)
+        if value and value < 2 * election:
+            # A live voter can be silent for about an election timeout (a restart, a re-election).
+            raise _fail(
+                f"use 0s (never) or at least twice the election timeout (raft.tick x raft.election_ticks = "
+                f"{format_duration(election)}), e.g. 5m"
+            )
         return value
 
     @model_validator(mode="after")

@@ -76,6 +76,9 @@ def test_defaults_are_production_ready() -> None:
     assert cfg.coord.raft.tick == timedelta(milliseconds=100)
     assert cfg.coord.raft.election_ticks > cfg.coord.raft.heartbeat_ticks
     assert cfg.coord.max_voters % 2 == 1
+    assert cfg.coord.dead_voter_timeout == timedelta(minutes=5)  # a spare learner replaces a dead voter
+    never = load_config(env={"TUNNELMESH_COORD__DEAD_VOTER_TIMEOUT": "0s"})
+    assert never.coord.dead_voter_timeout == timedelta(0)
     assert cfg.coord.storage.replication_factor is None  # auto: min(3, coordinators)
     assert cfg.node.mtu == 1420
     assert cfg.node.listen_port == 51820
@@ -246,6 +249,13 @@ FILE_ERRORS = [
         "must be greater than heartbeat_ticks",
     ),
     ("coord:\n  max_voters: 4\n", 2, "coord.max_voters", "use an odd number, e.g. 3 or 5"),
+    ("coord:\n  dead_voter_timeout: 1s\n", 2, "coord.dead_voter_timeout", "twice the election timeout"),
+    (
+        "coord:\n  raft:\n    tick: 1s\n  dead_voter_timeout: 15s\n",
+        4,
+        "coord.dead_voter_timeout",
+        "(raft.tick x raft.election_ticks = 10s)",
+    ),
     ("coord:\n  tls:\n    cert_file: /x.pem\n", 2, "coord.tls", "set all of cert_file, key_file and ca_file"),
     ("coord:\n  http_listen: 0.0.0.0:8443\n", 1, "coord", "give each its own port"),
     ("coord:\n  name: Bad_Name!\n", 2, "coord.name", "expected a DNS label"),
