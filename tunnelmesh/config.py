@@ -487,9 +487,11 @@ class CoordConfig(_Model):
         default="0.0.0.0:8444",
         description="Coordinator-to-coordinator gRPC (Raft), mutual TLS.",
         examples=["0.0.0.0:8444"],
+        validate_default=True,  # a default can clash with a port set for another listener
     )
     http_listen: HostPort = Field(
         default="0.0.0.0:8080",
+        validate_default=True,
         description="HTTP: /metrics, /healthz, /readyz, web UI, WebSocket relay (/relay).",
         examples=["0.0.0.0:8080"],
     )
@@ -566,17 +568,25 @@ class CoordConfig(_Model):
             )
         return value
 
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> CoordConfig:
+    @field_validator("peer_listen", "http_listen")
+    @classmethod
+    def _own_tcp_port(cls, value: str, info: ValidationInfo) -> str:
+        """Each TCP listener on a port of its own (relay_listen is UDP). Checked on the later of two, so the
+        error points at a setting involved rather than at the section."""
         wildcard = {"0.0.0.0", "::"}
-        names = ("listen", "peer_listen", "http_listen")  # all TCP; relay_listen is UDP
-        for i, first in enumerate(names):
-            for second in names[i + 1 :]:
-                host1, port1 = split_host_port(getattr(self, first))
-                host2, port2 = split_host_port(getattr(self, second))
-                if port1 == port2 and (host1 == host2 or host1 in wildcard or host2 in wildcard):
-                    raise _fail(f"{first} and {second} both use TCP port {port1}; give each its own port")
-        return self
+        host, port = split_host_port(value)
+        for earlier in ("listen", "peer_listen"):
+            if earlier == info.field_name:
+                break
+            other = info.data.get(earlier)  # absent if it failed its own validation
+            if other is None:
+                continue
+            other_host, other_port = split_host_port(other)
+            if port == other_port and (host == other_host or host in wildcard or other_host in wildcard):
+                raise _fail(
+                    f"{earlier} and {info.field_name} both use TCP port {port}; give each a port of its own"
+                )
+        return value
 
 
 class InterfaceConfig(_Model):
