@@ -82,13 +82,12 @@ _ANSWER_MARGIN = 0.2  # seconds kept back from a caller's deadline to send it ou
 def dead_voter_to_remove(voters: list[int], silent: dict[int, float], timeout: float) -> int | None:
     """The voter to remove so that a waiting learner can take its place, or None. ``silent``: seconds since
     the leader last heard from each other voter (the leader itself is not in it). Only a voter silent for
-    ``timeout`` goes, the longest silent first, and only while the voters left that answer still make a
-    quorum of the smaller configuration (the removal itself needs the current one's)."""
+    ``timeout`` goes, the longest silent first, and only while the voters that answer make a quorum of the
+    current configuration (the removal must commit in it; a quorum of the smaller one follows)."""
     dead = [v for v in voters if silent.get(v, 0.0) >= timeout]
     if not timeout or not dead:
         return None
-    live = len(voters) - len(dead)
-    if live < len(voters) // 2 + 1 or live < (len(voters) - 1) // 2 + 1:
+    if len(voters) - len(dead) < len(voters) // 2 + 1:
         return None
     return max(dead, key=lambda v: silent[v])
 
@@ -480,9 +479,9 @@ class Coordinator:
             tenure = time.monotonic() - self._leading_since
             silent: dict[int, float] = {}
             for v in st.conf_state.voters:
-                p = st.peers.get(v)
-                age = p.last_contact_age if p is not None else None
                 if v != st.member_id:
+                    p = st.peers.get(v)
+                    age = p.last_contact_age if p is not None else None
                     silent[v] = tenure if age is None else min(tenure, age)
             mid = dead_voter_to_remove(list(st.conf_state.voters), silent, self.dead_voter_timeout)
             if mid is None:
