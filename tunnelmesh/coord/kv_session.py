@@ -60,7 +60,12 @@ class _Broken:
         self.message = message
 
 
-_Item = kv_pb2.KvSessionResponse | _Broken | BaseException | None
+class _Drained:
+    """Half-closed, and every operation answered."""
+
+
+_DRAINED = _Drained()
+_Event = _Broken | BaseException | _Drained | None
 
 
 async def serve(
@@ -86,20 +91,35 @@ async def serve(
 async def _serve(
     requests: AsyncIterator[kv_pb2.KvSessionRequest], context: Any, run: RunOp, max_in_flight: int
 ) -> _Broken | None:
-    answers: asyncio.Queue[_Item] = asyncio.Queue()
+    # Each operation's task writes its own answer (one write at a time: gRPC takes one message per stream
+    # at once): a hand-over to a writer task would cost every answer an event-loop turn. ``events`` carries
+    # what ends the session: half-close (None), a broken protocol, a failure, or _DRAINED.
+    events: asyncio.Queue[_Event] = asyncio.Queue()
     in_flight: dict[int, str] = {}  # ids not answered yet -> their op
     room = asyncio.Semaphore(max_in_flight)
+    write_turn = asyncio.Lock()
     tasks: set[asyncio.Task[None]] = set()
+    closed = False
 
     async def one(req: kv_pb2.KvSessionRequest, which: str) -> None:
-        answers.put_nowait(await run(req, which))
+        resp = await run(req, which)
+        try:
+            async with write_turn:
+                await context.write(resp)
+        except Exception as exc:  # the stream failed under us: end the handler with it
+            events.put_nowait(exc)
+            return
+        OPERATIONS.labels(in_flight.pop(req.id), _code_name(resp)).inc()
+        room.release()
+        if closed and not in_flight:
+            events.put_nowait(_DRAINED)
 
     async def read() -> None:
         try:
             async for req in requests:
                 which = req.WhichOneof("op")
                 if which is None:
-                    answers.put_nowait(
+                    events.put_nowait(
                         _Broken(
                             "missing_op",
                             f"operation {req.id} has no op: set one of put, get, delete, compare_and_set",
@@ -107,7 +127,7 @@ async def _serve(
                     )
                     return
                 if req.id in in_flight:
-                    answers.put_nowait(
+                    events.put_nowait(
                         _Broken(
                             "duplicate_id",
                             f"operation id {req.id} is already in flight on this session: an id may be "
@@ -120,26 +140,24 @@ async def _serve(
                 task = asyncio.get_running_loop().create_task(one(req, which))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-            answers.put_nowait(None)  # half-closed
+            events.put_nowait(None)  # half-closed
         except Exception as exc:  # the stream failed under us: end the handler with it
-            answers.put_nowait(exc)
+            events.put_nowait(exc)
 
     reader = asyncio.get_running_loop().create_task(read())
     try:
-        closed = False
-        while not closed or in_flight:
-            item = await answers.get()
+        while True:
+            item = await events.get()
             if item is None:
                 closed = True
+                if not in_flight:
+                    return None
+            elif isinstance(item, _Drained):
+                return None
             elif isinstance(item, _Broken):
                 return item
             elif isinstance(item, BaseException):
                 raise item
-            else:
-                await context.write(item)
-                OPERATIONS.labels(in_flight.pop(item.id), _code_name(item)).inc()
-                room.release()
-        return None
     finally:
         # Owned here: cancelled and awaited on every way out (the client cancelling included).
         pending = [reader, *tasks]
