@@ -471,6 +471,48 @@ async def test_followers_save_on_the_loop_thread_and_leaders_in_a_worker(
     assert big_on_loop and not any(big_on_loop)
 
 
+async def test_a_leader_with_one_writer_at_a_time_saves_on_its_loop_once_its_appends_are_out(
+    cluster: list[Driver],
+) -> None:
+    """While writes overlap, a leader saves in a worker thread (its loop goes on taking writes during the
+    fsync). After LONE_WRITER_PROPOSALS proposals in a row that found no other one waiting, it saves on its
+    loop thread instead, after the sender tasks took the Ready's appends: the fsync then runs before the
+    followers' own, not alongside them. The first overlapping write switches it back."""
+    lead = await _leader(cluster)
+    loop_thread = threading.current_thread()
+    events: list[tuple[str, int, bool]] = []  # ("sent" | "save", last entry index, on the loop thread)
+    real_save, real_send = lead.storage.save, lead.transport._send_stream
+
+    def save(*args: Any, **kwargs: Any) -> None:
+        if len(args) > 1 and args[1]:
+            events.append(("save", args[1][-1].index, threading.current_thread() is loop_thread))
+        real_save(*args, **kwargs)
+
+    async def send_stream(p: Any, batch: list[Message]) -> bool:
+        events.extend(("sent", m.entries[-1].index, True) for m in batch if m.entries)
+        return await real_send(p, batch)
+
+    lead.storage.save = save  # type: ignore[method-assign]
+    lead.transport._send_stream = send_stream  # type: ignore[method-assign]
+
+    def saves_on_loop() -> list[bool]:
+        return [on_loop for kind, _, on_loop in events if kind == "save"]
+
+    await asyncio.gather(*(lead.propose(_put(b"o%d" % i, b"v"), 5.0) for i in range(20)))
+    assert saves_on_loop() and not any(saves_on_loop())
+    events.clear()
+    lone = driver_mod.LONE_WRITER_PROPOSALS
+    for i in range(lone + 4):
+        await lead.propose(_put(b"s%d" % i, b"v"), 5.0)
+    assert saves_on_loop() == [False] * (lone - 1) + [True] * 5, events
+    for kind, index, on_loop in events:
+        if kind == "save" and on_loop:
+            assert ("sent", index, True) in events[: events.index((kind, index, on_loop))], events
+    events.clear()
+    await asyncio.gather(*(lead.propose(_put(b"b%d" % i, b"v"), 5.0) for i in range(20)))
+    assert len(saves_on_loop()) > 1 and not any(saves_on_loop()[1:]), events
+
+
 def _sample(name: str, **labels: str) -> float:
     value = REGISTRY.get_sample_value(name, labels)
     assert value is not None, f"{name}{labels} not exported"
