@@ -22,6 +22,7 @@ HTTP/2 flow control holds the client back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -91,26 +92,35 @@ async def serve(
 async def _serve(
     requests: AsyncIterator[kv_pb2.KvSessionRequest], context: Any, run: RunOp, max_in_flight: int
 ) -> _Broken | None:
-    # Each operation's task writes its own answer (one write at a time: gRPC takes one message per stream
-    # at once): a hand-over to a writer task would cost every answer an event-loop turn. ``events`` carries
-    # what ends the session: half-close (None), a broken protocol, a failure, or _DRAINED.
+    # The task whose operation completes while no answer is being written writes it, then every answer that
+    # completed meanwhile (gRPC takes one message per stream at a time). No hand-over to a writer task: that
+    # would cost every answer an event-loop pass, and so would a lock passed from task to task. ``events``
+    # carries what ends the session: half-close (None), a broken protocol, a failure, or _DRAINED.
     events: asyncio.Queue[_Event] = asyncio.Queue()
     in_flight: dict[int, str] = {}  # ids not answered yet -> their op
     room = asyncio.Semaphore(max_in_flight)
-    write_turn = asyncio.Lock()
+    answers: collections.deque[kv_pb2.KvSessionResponse] = collections.deque()
+    writing = False
     tasks: set[asyncio.Task[None]] = set()
     closed = False
 
     async def one(req: kv_pb2.KvSessionRequest, which: str) -> None:
-        resp = await run(req, which)
+        nonlocal writing
+        answers.append(await run(req, which))
+        if writing:
+            return  # the task writing now sends it too
+        writing = True
         try:
-            async with write_turn:
+            while answers:
+                resp = answers.popleft()
                 await context.write(resp)
+                OPERATIONS.labels(in_flight.pop(resp.id), _code_name(resp)).inc()
+                room.release()
         except Exception as exc:  # the stream failed under us: end the handler with it
             events.put_nowait(exc)
             return
-        OPERATIONS.labels(in_flight.pop(req.id), _code_name(resp)).inc()
-        room.release()
+        finally:
+            writing = False
         if closed and not in_flight:
             events.put_nowait(_DRAINED)
 
