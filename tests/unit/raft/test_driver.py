@@ -30,7 +30,7 @@ from tunnelmesh.coord.raft.messages import (
     Snapshot,
     SnapshotMetadata,
 )
-from tunnelmesh.coord.raft.storage import SqliteStorage
+from tunnelmesh.coord.raft.storage import SqliteStorage, StorageIOError
 from tunnelmesh.coord.raft.transport import member_label
 from tunnelmesh.coord.service import Coordinator, RequestFailed
 from tunnelmesh.coord.state import MeshState, encode_command
@@ -155,6 +155,41 @@ async def test_members_that_lost_acknowledged_entries_do_not_vote_until_caught_u
             for t in tasks:
                 t.cancel()
     finally:
+        for d in drivers:
+            d.storage.close()
+
+
+async def test_a_follower_whose_save_fails_stops_with_the_error(tmp_path: Path) -> None:
+    """The follower's save runs in the turn of the stream handler that delivered the append, not in the loop
+    task: its failure must still end the driver (as a failed loop would), not vanish in that handler, and
+    not be retried by a later turn (the save fails once here: a retry would succeed)."""
+    drivers = _build(tmp_path)
+    for d in drivers:
+        await d.start()
+    tasks = [asyncio.create_task(d.run()) for d in drivers]
+    try:
+        lead = await _leader(drivers)
+        follower = next(d for d in drivers if d is not lead)
+
+        real_save, failed = follower.storage.save, []
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            if not failed and len(args) > 1 and args[1]:
+                failed.append(True)
+                raise StorageIOError("the disk is gone")
+            real_save(*args, **kwargs)
+
+        follower.storage.save = broken  # type: ignore[method-assign]
+        await lead.propose(_put(b"k", b"v"), 5.0)  # committed with the other follower
+        run = tasks[drivers.index(follower)]
+        with pytest.raises(ExceptionGroup) as exc_info:
+            async with asyncio.timeout(5):
+                await run
+        assert exc_info.group_contains(StorageIOError, match="the disk is gone")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for d in drivers:
             d.storage.close()
 

@@ -516,8 +516,10 @@ class Driver:
     def _kick(self) -> None:
         """Work was queued (messages, a proposal): do the turn now, in the caller's task, unless a turn or a
         save is under way (then the loop task does it). Waking the loop task instead would cost an event-loop
-        pass on every hop of every write (client -> leader, leader -> follower, and back)."""
-        if self._saving is not None or self._in_turn or self._loop_busy or self._stopping:
+        pass on every hop of every write (client -> leader, leader -> follower, and back). After a failed turn
+        (a Ready left half-handled) nothing more is stepped: the loop task raises the failure."""
+        busy = self._saving is not None or self._in_turn or self._loop_busy
+        if busy or self._stopping or self._failure is not None:
             self._wake.set()
             return
         try:
