@@ -430,7 +430,6 @@ class Driver:
         self._held_timer: asyncio.TimerHandle | None = None
         self._slow_saves = False  # the last save took longer than INLINE_SAVE_LIMIT
         self._saving: _PendingSave | None = None  # a Ready the loop task finishes
-        self._in_turn = False
         self._loop_busy = False  # the loop task awaits storage work of its own (a snapshot)
         self._failure: Exception | None = None  # a turn outside the loop task failed: the loop raises it
         # For each of the last proposals: was an earlier one still waiting? (see "Where the save runs")
@@ -514,11 +513,12 @@ class Driver:
                 self._loop_busy = False
 
     def _kick(self) -> None:
-        """Work was queued (messages, a proposal): do the turn now, in the caller's task, unless a turn or a
-        save is under way (then the loop task does it). Waking the loop task instead would cost an event-loop
-        pass on every hop of every write (client -> leader, leader -> follower, and back). After a failed turn
-        (a Ready left half-handled) nothing more is stepped: the loop task raises the failure."""
-        busy = self._saving is not None or self._in_turn or self._loop_busy
+        """Work was queued (messages, a proposal): do the turn now, in the caller's task, unless a save or the
+        loop task's own storage work is under way (then the loop task does it). Waking the loop task instead
+        would cost an event-loop pass on every hop of every write (client -> leader, leader -> follower, and
+        back). After a failed turn (a Ready left half-handled) nothing more is stepped: the loop task raises
+        the failure."""
+        busy = self._saving is not None or self._loop_busy
         if busy or self._stopping or self._failure is not None:
             self._wake.set()
             return
@@ -531,42 +531,34 @@ class Driver:
     def _turn(self) -> None:
         """Step what is queued, then handle Readies until there are none, or until one must be saved outside
         this turn (``_save_site``): the loop task finishes that one (``_finish_save``), and nothing is stepped
-        until it has."""
-        if self._saving is not None or self._in_turn:
-            return
-        self._in_turn = True
-        try:
-            node = self.node
-            for _ in range(self._ticks_due):
-                if self._no_vote_before is not None and not node.is_leader:
-                    continue  # a node that lost acknowledged entries must not campaign
-                node.tick()
-            self._ticks_due = 0
-            inbox, self._inbox = self._inbox, []
-            for m in inbox:
-                if self._no_vote_before is not None and m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
-                    continue
-                try:
-                    node.step(m)
-                except RaftError as exc:
-                    log.debug(
-                        "event=raft_step_refused type=%s from=%x error=%r", m.type.name, m.frm, str(exc)
-                    )
-            local, self._local = self._local, []
-            for kind, peer, status in local:
-                if kind == "unreachable":
-                    node.report_unreachable(peer)
-                else:
-                    node.report_snapshot(peer, status)
-            if self._read_batch:
-                self._start_read_batch()
-            while node.has_ready():
-                rd = node.ready()
-                if self._begin_ready(rd):
-                    return
-                node.advance(rd)
-        finally:
-            self._in_turn = False
+        until it has. Synchronous, and nothing in it queues work, so turns never nest."""
+        node = self.node
+        for _ in range(self._ticks_due):
+            if self._no_vote_before is not None and not node.is_leader:
+                continue  # a node that lost acknowledged entries must not campaign
+            node.tick()
+        self._ticks_due = 0
+        inbox, self._inbox = self._inbox, []
+        for m in inbox:
+            if self._no_vote_before is not None and m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
+                continue
+            try:
+                node.step(m)
+            except RaftError as exc:
+                log.debug("event=raft_step_refused type=%s from=%x error=%r", m.type.name, m.frm, str(exc))
+        local, self._local = self._local, []
+        for kind, peer, status in local:
+            if kind == "unreachable":
+                node.report_unreachable(peer)
+            else:
+                node.report_snapshot(peer, status)
+        if self._read_batch:
+            self._start_read_batch()
+        while node.has_ready():
+            rd = node.ready()
+            if self._begin_ready(rd):
+                return
+            node.advance(rd)
 
     def _begin_ready(self, rd: Ready) -> bool:
         """Handle ``rd`` (steps 1-5), or start it and leave the rest to the loop task: returns True then."""
