@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnelmesh.errors import ProtocolError
+from tunnelmesh.node.wg import allowed_ips
 from tunnelmesh.node.wg.allowed_ips import AllowedIPs
 
 from .harness import ipv4_packet, ipv6_packet
@@ -99,3 +100,33 @@ def test_2_lookup_matches_a_brute_force_longest_prefix_search(
         expected = latest[max(matching, key=lambda n: n.prefixlen)] if matching else None
         assert table.lookup(address) == expected
         assert table.lookup(address.packed) == expected
+
+
+def test_2_the_memo_answers_as_lookup_and_every_change_starts_a_new_one() -> None:
+    """The data plane's lone-packet path reads ``memo`` without calls; any change must not leave an answer
+    from the old table in it, and a reader still holding the old dict can only write where nobody reads."""
+    table = AllowedIPs()
+    table.insert("10.0.0.0/24", P1)
+    a, far = ipaddress.IPv4Address("10.0.0.7").packed, ipaddress.IPv4Address("192.0.2.1").packed
+    assert table.remember(a) == P1 and table.remember(far) is None
+    assert table.memo == {a: P1, far: None}
+    old = table.memo
+    table.insert("10.0.0.7/32", P2)  # more specific: a moves to P2
+    assert table.memo == {} and table.remember(a) == P2
+    table.remove("10.0.0.7/32")
+    assert table.memo == {} and table.remember(a) == P1
+    table.remove_peer(P1)
+    assert table.memo == {} and table.remember(a) is None
+    assert old == {a: P1, far: None}, "the old dict is left as it was, not reused"
+    v6 = ipaddress.IPv6Address("fd00::1").packed
+    table.insert("fd00::/64", P3)
+    assert table.remember(v6) == P3 and table.memo[v6] == P3
+
+
+def test_2_the_memo_stops_growing_at_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allowed_ips, "MEMO_MAX", 3)
+    table = AllowedIPs()
+    table.insert("10.0.0.0/8", P1)
+    for i in range(10):
+        assert table.remember(bytes((10, 0, 0, i))) == P1  # answered all the same
+    assert len(table.memo) == 3

@@ -7,6 +7,10 @@ The table keeps, per address family, one dict per prefix length (network address
 lengths in use sorted longest first. A lookup masks the address once per length in use and stops at the first
 hit, which in a mesh (a handful of distinct lengths: /32, /128, a few subnets) is a few dict probes. As in
 wireguard-go, an allowed IP belongs to at most one peer: inserting it for another peer moves it.
+
+``memo`` remembers answers by packed address for the data plane's lone-packet path (one dict probe, no
+calls). Every change replaces it with an empty dict rather than clearing it, so a reader that looked up
+under the old table can only write its answer into a dict nobody reads any more.
 """
 
 from __future__ import annotations
@@ -41,14 +45,26 @@ class _Family:
         return None
 
 
+MEMO_MAX = 4096  # addresses ``memo`` holds at most (a scan of a large subnet must not grow it for ever)
+
+
 class AllowedIPs:
     """Longest-prefix-match table from IP networks to peers (public keys)."""
 
-    __slots__ = ("_v4", "_v6")
+    __slots__ = ("_v4", "_v6", "memo")
 
     def __init__(self) -> None:
         self._v4 = _Family(32)
         self._v6 = _Family(128)
+        self.memo: dict[bytes, bytes | None] = {}
+
+    def remember(self, address: bytes) -> bytes | None:
+        """``lookup`` of a packed address, kept in ``memo`` (while it has room)."""
+        memo = self.memo  # before the lookup: an answer from an older table goes to a dict no longer read
+        peer = self.lookup(address)
+        if len(memo) < MEMO_MAX:
+            memo[address] = peer
+        return peer
 
     def _family(self, version: int) -> _Family:
         return self._v4 if version == 4 else self._v6
@@ -59,12 +75,14 @@ class AllowedIPs:
         family = self._family(net.version)
         family.tables.setdefault(net.prefixlen, {})[int(net.network_address)] = peer
         family.reindex()
+        self.memo = {}
 
     def remove(self, network: str | Network) -> None:
         net = ipaddress.ip_network(network, strict=False) if isinstance(network, str) else network
         family = self._family(net.version)
         family.tables.get(net.prefixlen, {}).pop(int(net.network_address), None)
         family.reindex()
+        self.memo = {}
 
     def remove_peer(self, peer: bytes) -> None:
         for family in (self._v4, self._v6):
@@ -72,6 +90,7 @@ class AllowedIPs:
                 for key in [k for k, v in table.items() if v == peer]:
                     del table[key]
             family.reindex()
+        self.memo = {}
 
     def networks_of(self, peer: bytes) -> list[Network]:
         found: list[Network] = []
