@@ -12,12 +12,13 @@ import base64
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.interop.dataplane_helpers import WG_PORT, Engine, ping
 from tunnelmesh.netlab import Lab
+from tunnelmesh.node.dataplane import DataPlane
 from tunnelmesh.node.errors import DataplaneError
 
 pytestmark = [
@@ -138,3 +139,53 @@ def test_settled_sessions_keep_the_timer_bookkeeping(nodes: dict[str, Engine]) -
         time.sleep(0.05)
     assert ta.new_handshake_at is None, "a's replies were not reported to its timers"
     assert tb.send_keepalive_at is None, "b's timers saw its reply sent before the request received"
+
+
+def _count_batch_paths(plane: DataPlane, monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Record every use of the batch paths' send (``_send_packets``) and TUN write (``_deliver``)."""
+    for name in ("_send_packets", "_deliver"):
+        real = getattr(plane, name)
+
+        def spy(*args: object, _real: Callable[..., None] = real, _name: str = name) -> None:
+            calls.append(_name)
+            _real(*args)
+
+        monkeypatch.setattr(plane, name, spy)
+
+
+def test_lone_packets_take_the_lanes_and_keep_the_books(
+    nodes: dict[str, Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a session is settled, a ping's packets take the lone-packet paths on both sides (neither batch
+    path runs) and are counted exactly as the batch paths count them; a packet whose inner source is not
+    the sending peer's is dropped there and counted as such."""
+    a, b = nodes["a"], nodes["b"]
+    a.add_peer(b.as_peer(b.lan_endpoint))
+    b.add_peer(a.as_peer(a.lan_endpoint))
+    deadline = time.monotonic() + 10
+    while not (a.plane._tx_lanes and a.plane._rx_lanes and b.plane._tx_lanes and b.plane._rx_lanes):
+        assert time.monotonic() < deadline, "the batch paths made no lanes"
+        ping(a.host, TUN["b"], count=1)
+    calls: list[str] = []
+    for e in (a, b):
+        _count_batch_paths(e.plane, monkeypatch, calls)
+    before = a.peer(b), b.peer(a)
+    a.host.run(["ping", "-q", "-c", "20", "-i", "0.02", "-W", "2", TUN["b"]], timeout=30)
+    after = a.peer(b), b.peer(a)
+    assert calls == [], f"the batch paths ran: {calls}"
+    datagram = 16 + 96 + 16  # header, an 84-byte echo padded to a multiple of 16, tag
+    for side in (0, 1):  # requests from a to b, replies from b to a: 20 each way
+        assert after[side].tx_packets - before[side].tx_packets == 20
+        assert after[side].rx_packets - before[side].rx_packets == 20
+        assert after[side].tx_bytes - before[side].tx_bytes == 20 * datagram
+        assert after[side].rx_bytes - before[side].rx_bytes == 20 * datagram
+    assert a.plane.device.peers[b.public].timers.new_handshake_at is None  # the replies were seen
+
+    # b sends from an address outside its allowed IPs on a: a's lone path drops and counts each one.
+    drop = {"interface": a.plane.name, "reason": "allowed_ips"}
+    assert a.registry.get_sample_value("tunnelmesh_dataplane_drops_total", drop) == 0
+    b.host.run(["ip", "addr", "add", "10.73.0.99/24", "dev", b.plane.name])
+    r = b.host.run(["ping", "-c", "3", "-i", "0.05", "-W", "1", "-I", "10.73.0.99", TUN["a"]], check=False)
+    assert r.returncode != 0, "a answered a packet from outside b's allowed IPs"
+    assert a.registry.get_sample_value("tunnelmesh_dataplane_drops_total", drop) == 3
+    assert calls == [], f"the batch paths ran: {calls}"

@@ -33,12 +33,18 @@ requires). The tx thread takes ``_lock`` for a few dict reads per batch and encr
 ``_tx_lock`` owns the TUN read side: the tx thread holds it per batch, and the rx thread takes it (without
 waiting) around its TUN writes, so what the kernel answers at once (echo replies, TCP ACKs) is read and sent
 by the thread that is already running instead of a freshly woken one. Meanwhile the TUN device's
-readability is masked (``TunDevice.hold_wakeups``), so the write does not wake the tx thread either.
+readability is masked (``TunDevice.hold_wakeups``), so the write does not wake the tx thread either. Lanes
+are made and dropped under ``_lock`` and read without it (a dict probe, then identity checks).
 
-Latency (one packet after idle, e.g. ping): a packet thread that just woke handles the first packet it
-reads before asking the kernel for more, and a read that finds its queue empty sends the thread straight to
-``wait_readable`` rather than asking again. Per round trip that is one wake-up per hop and no GIL handoff
-between the packet threads; what remains is Python's own per-packet cost (see docs/dataplane.md, Latency).
+Latency (one packet after idle, e.g. ping): a packet thread that just woke takes the *lone-packet path*
+(``_tx_lone``, ``_rx_lone``) for its first packet. A packet of a settled session (one with a ``_Lane``: its
+current keypair and endpoint, made by the batch paths) is handled there with about what a bare tunnel does:
+a memo probe for the route, identity checks that the lane still holds, the timers and counters, the AEAD
+and one syscall to hand it on; anything else (handshakes, offloaded super-packets, GRO trains, roaming, a
+session with bookkeeping due, a datagram that does not decrypt) goes on to the batch path as before. The rx
+thread sleeps in the receive itself (``SO_RCVTIMEO``) rather than in ``poll`` first. The bookkeeping comes
+before the hand-over and nothing but the wait after it: whatever the hand-over woke may be queued on the
+same CPU. See docs/dataplane.md, Latency.
 
 Checksums (negotiated, TunnelMesh peers only): right after every handshake each side sends a *capabilities*
 message (type 0x10, encrypted and replay-checked like transport). A peer that offers ``CAP_PARTIAL_CSUM``
@@ -99,6 +105,7 @@ from tunnelmesh.node.wg.constants import (
 from tunnelmesh.node.wg.crypto import AEAD, TAI64N
 from tunnelmesh.node.wg.device import UNCHANGED, _Unchanged
 from tunnelmesh.node.wg.keypair import Keypair, ReplayedCounter
+from tunnelmesh.node.wg.peer import Peer
 from tunnelmesh.node.wg.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -136,6 +143,7 @@ _REKEY_ON_RECEIVE_AGE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIM
 RAW_TYPE_MIN: Final = 0x20
 RAW_TYPE_MAX: Final = 0x2F
 RawHandler = Callable[[bytes, Endpoint], None]
+_UNKNOWN: Final = b"?"  # not in AllowedIPs.memo (a real answer is a 32-byte key or None)
 
 
 def key_b64(key: bytes) -> str:
@@ -242,6 +250,31 @@ class _Counters:
         self.handshakes = 0
 
 
+class _Lane:
+    """What a lone packet of a settled session needs, gathered once per keypair and endpoint.
+
+    The batch paths make a lane when they find a peer's current keypair usable with its endpoint; the
+    lone-packet paths (``_tx_lone``, ``_rx_lone``) find it by peer (sending) or receiver index (receiving).
+    Each use checks, by identity, that the peer still has this keypair as current and this endpoint, and
+    that no limit is near (``tx_until``/``rx_until``: rekey or reject by age; the send counter). Otherwise
+    the packet takes the batch path, which does the bookkeeping and makes a new lane."""
+
+    __slots__ = ("counters", "endpoint", "keypair", "peer", "recv_from", "rx_until", "send_to", "tx_until")
+
+    def __init__(
+        self, peer: Peer, keypair: Keypair, endpoint: Endpoint, udp: UdpSocket, counters: _Counters
+    ) -> None:
+        self.peer = peer
+        self.keypair = keypair
+        self.endpoint = endpoint
+        self.send_to = udp.sockaddr(endpoint)
+        self.recv_from = udp.received_form(endpoint)
+        self.counters = counters
+        initiator = keypair.is_initiator
+        self.tx_until = keypair.created + (REKEY_AFTER_TIME if initiator else REJECT_AFTER_TIME)
+        self.rx_until = keypair.created + (_REKEY_ON_RECEIVE_AGE if initiator else REJECT_AFTER_TIME)
+
+
 # -- the engine ----------------------------------------------------------------------------------------------
 
 
@@ -295,6 +328,12 @@ class DataPlane:
         self._tx_pool = [bytearray(MAX_READ) for _ in range(TX_READS)]
         self._tx_views = [memoryview(b) for b in self._tx_pool]
         self._tx_drained = False
+        # Lanes of settled sessions for the lone-packet paths: by peer key, and by our receiver index. Written
+        # under _lock, read without it (one dict probe each).
+        self._tx_lanes: dict[bytes, _Lane] = {}
+        self._rx_lanes: dict[int, _Lane] = {}
+        self._tun_hdr = 0  # bytes before the IP packet in a TUN read (the virtio_net_hdr, if any)
+        self._sendto: Callable[..., int] = _not_started
         self._local_caps = 0
         self.errors: list[str] = []  # unexpected exceptions in worker threads (also logged)
         self.tun: TunDevice | None = None
@@ -347,6 +386,10 @@ class DataPlane:
                 recv_slots=8,
                 fwmark=cfg.fwmark,
             )
+            self._tun_hdr = VNET_HDR_LEN if self.tun.vnet_hdr else 0
+            self._sendto = self.udp.socket.sendto
+            # The rx thread's longest wait: it checks _stop in between.
+            self.udp.set_receive_timeout(IDLE_WAIT)
             for peer in self._initial_peers:
                 self.add_peer(peer)
         except BaseException:
@@ -545,6 +588,7 @@ class DataPlane:
             networks = self._allowed.pop(public_key, ())
             self._handshake_wall.pop(public_key, None)
             self._seeded_peers.pop(public_key, None)
+            self._drop_lane(public_key)
         self._del_routes(networks)
         self._sync_full_tunnel()
         log.info("event=peer_removed iface=%s peer=%s", self.name, short(public_key))
@@ -818,6 +862,8 @@ class DataPlane:
             elif isinstance(a, wg.HandshakeGaveUp):
                 log.warning("event=handshake_gave_up iface=%s peer=%s", self.name, short(a.peer))
             elif isinstance(a, wg.KeysZeroed):
+                with self._lock:
+                    self._drop_lane(a.peer)  # a lane must not keep the keys alive
                 log.info("event=keys_zeroed iface=%s peer=%s", self.name, short(a.peer))
         return deliver
 
@@ -842,21 +888,110 @@ class DataPlane:
         woke = False
         while not stop.is_set():
             with tx_lock:
-                worked = self._tx_batch(first_alone=woke)
-                # Found the device empty: wait right away rather than ask it again (a read and an exception).
-                woke = not worked or self._tx_drained
+                if not woke:
+                    # Found the device empty: wait right away rather than ask again (a read and an exception).
+                    woke = not self._tx_batch() or self._tx_drained
+                else:  # most likely for one packet (a ping, a request, an ACK): it leaves before any batching
+                    sent = self._tx_lone()
+                    if sent > 0:
+                        self._tx_batch(pre=sent)
+                        woke = self._tx_drained
+                    # After a lone packet (sent < 0), wait right away: a wait returns at once if more came.
             if woke:
                 tun.wait_readable(IDLE_WAIT)
 
-    def _tx_batch(self, first_alone: bool = False, probe: bool = False) -> bool:
+    def _tx_lone(self) -> int:
+        """Read one packet and, if it is plain (no offload) and its peer has a lane, send it from here. Caller
+        holds ``_tx_lock``. Returns -1 if it sent the packet, 0 if the device had none, or else the size read
+        (the packet is in the first pool buffer) for ``_tx_batch(pre=...)``.
+
+        The latency path: right after a wait, a CPU's caches are cold and every Python step costs many times
+        what it costs in a busy loop, so this does about what a bare tunnel would (a memo probe for the
+        route, identity checks, the timers, encrypt, send) and leaves everything else to the batch path."""
+        tun = self.tun
+        assert tun is not None
+        buf = self._tx_pool[0]
+        n = tun.read_into(buf)
+        h = self._tun_hdr
+        if n <= h or (h and (buf[0] or buf[1])):  # nothing, or an offloaded packet (GSO, NEEDS_CSUM)
+            return n
+        version = buf[h] >> 4
+        if version == 4 and n - h >= 20:
+            dst = bytes(buf[h + 16 : h + 20])
+        elif version == 6 and n - h >= 40:
+            dst = bytes(buf[h + 24 : h + 40])
+        else:
+            return n
+        allowed = self.device.allowed_ips
+        peer_key = allowed.memo.get(dst, _UNKNOWN)
+        if peer_key is _UNKNOWN:
+            peer_key = allowed.remember(dst)
+        lane = None if peer_key is None else self._tx_lanes.get(peer_key)
+        if lane is None:
+            return n
+        peer, keypair = lane.peer, lane.keypair
+        now = time.monotonic()
+        with self._lock:
+            if (
+                peer.keypairs.current is not keypair
+                or peer.endpoint is not lane.endpoint
+                or peer.staged
+                or keypair.send_counter >= REKEY_AFTER_MESSAGES
+                or now >= lane.tx_until
+            ):
+                return n
+            peer.timers.on_transport_sent(now, True)  # before the send: see _send_packets
+            with self._send_lock:
+                datagram = keypair.encrypt(buf[h:n])
+            peer.tx_bytes += len(datagram)
+            lane.counters.tx_packets += 1
+        self._send_lone(datagram, lane)
+        return -1
+
+    def _make_lane(self, peer: Peer, keypair: Keypair) -> None:
+        """A lane for ``peer``'s current ``keypair`` and endpoint, replacing its old one (under _lock)."""
+        if peer.endpoint is None or peer.keypairs.current is not keypair or self.udp is None:
+            return
+        key = peer.public_key
+        self._drop_lane(key)
+        lane = _Lane(peer, keypair, peer.endpoint, self.udp, self._counters.get(key) or _Counters())
+        self._tx_lanes[key] = lane
+        self._rx_lanes[keypair.local_index] = lane
+
+    def _drop_lane(self, peer_key: bytes) -> None:
+        """Caller holds _lock."""
+        lane = self._tx_lanes.pop(peer_key, None)
+        if lane is not None and self._rx_lanes.get(lane.keypair.local_index) is lane:
+            del self._rx_lanes[lane.keypair.local_index]
+
+    def _send_lone(self, datagram: bytes, lane: _Lane) -> None:
+        try:
+            self._sendto(datagram, lane.send_to)
+        except OSError as exc:
+            log.debug("event=udp_send_failed peer=%s error=%r", short(lane.peer.public_key), exc.strerror)
+
+    def _tx_answer(self, probe: bool) -> None:
+        """Send what the kernel answered at once to a TUN write (an echo reply, TCP ACKs). Caller holds
+        ``_tx_lock``. ``probe``: ask first whether anything is pending (after a batch, often nothing is); then
+        the rest of the batch follows here too. Without it, one packet (the answer to a lone packet, likely
+        there), and anything after it wakes the tx thread when the caller unmasks the device."""
+        tun = self.tun
+        assert tun is not None
+        if probe and not tun.pending():
+            return
+        sent = self._tx_lone()
+        if sent > 0:
+            self._tx_batch(pre=sent)
+        elif sent < 0 and probe:
+            self._tx_batch(probe=True)
+
+    def _tx_batch(self, probe: bool = False, pre: int = 0) -> bool:
         """Read one batch from the TUN device, encrypt and send it. Caller holds ``_tx_lock`` (whoever holds
         it owns the read buffers and the order of sends). Returns False if nothing was pending.
 
-        ``first_alone`` (the caller just woke up, or just wrote what the kernel may answer at once): send the
-        first packet as soon as it is read, then batch the rest. A lone packet (ping, a request, an ACK)
-        then leaves before the device is found empty. ``probe``: nothing may be pending (the caller wrote
-        to the device rather than woke for it). Where a read would likely find nothing (then, and after a
-        lone packet), ``TunDevice.pending`` asks first: a read that finds nothing raises, and on a cold
+        ``pre``: the size of a packet ``_tx_lone`` already read into the first buffer (the batch starts with
+        it). ``probe``: nothing may be pending (the caller wrote to the device rather than woke for it), so
+        ``TunDevice.pending`` asks before the first read: a read that finds nothing raises, and on a cold
         CPU that costs several times the syscall. Sets ``_tx_drained`` if it found the device empty."""
         tun, udp = self.tun, self.udp
         assert tun is not None and udp is not None
@@ -869,7 +1004,6 @@ class DataPlane:
         # One batch: packets grouped by peer, in read order.
         groups: dict[tuple[bytes, bool], list[Buffer]] = {}
         count = 0
-        sent = False
         self._tx_drained = False
         for buf, view in zip(pool, views, strict=True):
             if probe:
@@ -877,7 +1011,10 @@ class DataPlane:
                     self._tx_drained = True
                     break
                 probe = False
-            n = tun.read_into(buf)
+            if pre:
+                n, pre = pre, 0
+            else:
+                n = tun.read_into(buf)
             if not n:
                 self._tx_drained = True
                 break
@@ -919,18 +1056,11 @@ class DataPlane:
             count += len(segs)
             if count >= TX_BATCH:
                 break
-            if first_alone:
-                first_alone = False
-                probe = sent = True
-                now = time.monotonic()
-                for (peer_key, seeded), packets in groups.items():
-                    self._send_packets(now, peer_key, packets, udp, seeded)
-                groups = {}
         if no_route:
             # Nothing in the allowed IPs: dropped silently, as WireGuard does.
             self.no_route_drops += no_route
         if not groups:
-            return sent
+            return False
         now = time.monotonic()
         for (peer_key, seeded), packets in groups.items():
             self._send_packets(now, peer_key, packets, udp, seeded)
@@ -966,6 +1096,9 @@ class DataPlane:
                 # Before the send: the reply can arrive, and the rx thread tell the timers, before this thread
                 # is back from sendmsg. "Sent" after "received" would arm a rehandshake nothing cancels.
                 peer.timers.on_transport_sent(now, True)
+                lane = self._tx_lanes.get(peer_key)
+                if lane is None or lane.keypair is not keypair or lane.endpoint is not endpoint:
+                    self._make_lane(peer, cast(Keypair, keypair))
         if not fast:
             self._execute(actions)
             return
@@ -1015,16 +1148,22 @@ class DataPlane:
         wake = False
         accept_seeded = bool(self._local_caps & CAP_PARTIAL_CSUM)
         tx_lock = self._tx_lock
-        woke = False
+        rx_lanes = self._rx_lanes
+        idle = True
         while not stop.is_set():
-            # Right after a wait, take one receive and handle it before asking for more: a lone datagram
-            # (ping, a request) is delivered one syscall and one exception sooner.
-            batch = udp.recv_batch(1 if woke else 0)
-            lone, woke = woke, False
+            lone = idle
+            if idle:
+                # Nothing pending: wait in a receive (at most IDLE_WAIT). What comes is most likely one
+                # datagram (a ping, a request): the lone path delivers it, or hands it back as a batch of one.
+                batch = self._rx_lone()
+                if batch is None:
+                    continue
+            else:
+                batch = udp.recv_batch()
             if not batch:
-                udp.wait_readable(IDLE_WAIT)
-                woke = True
+                idle = True
                 continue
+            idle = False
             now = time.monotonic()
             deliver: list[Buffer] = []
             seeded: list[Buffer] = []
@@ -1067,8 +1206,12 @@ class DataPlane:
                             continue
                         keypair: Keypair = kp
                         peer = entry.peer
-                        if run_start:
+                        if run_start:  # settled: current keypair, the endpoint, no rekey due
                             seen.add((receiver, src))
+                            lane = rx_lanes.get(receiver)
+                            if lane is None or lane.endpoint is not peer.endpoint:
+                                with self._lock:
+                                    self._make_lane(peer, keypair)
                         if now - keypair.created > REJECT_AFTER_TIME:
                             bad[reason.KEY_EXPIRED] = bad.get(reason.KEY_EXPIRED, 0) + 1
                             continue
@@ -1150,7 +1293,7 @@ class DataPlane:
                         self._settle(now, settled)
                         settled = []
                     if own_tx:
-                        self._tx_batch(first_alone=True, probe=True)
+                        self._tx_answer(probe=True)
                 finally:
                     if own_tx:
                         try:
@@ -1161,9 +1304,93 @@ class DataPlane:
                 self._settle(now, settled)
             # Found empty, or most likely empty after a lone datagram (asking costs less than a receive that
             # finds nothing): wait right away.
-            if udp.drained or (lone and not udp.pending()):
-                udp.wait_readable(IDLE_WAIT)
-                woke = True
+            if not udp.pending() if lone else udp.drained:
+                idle = True
+
+    def _rx_lone(self) -> list[tuple[Endpoint, list[memoryview]]] | None:
+        """Wait for one datagram (at most ``IDLE_WAIT``) and, if it is transport under a lane's keypair from
+        the lane's endpoint, deliver it from here: decrypt, check the inner source, write it to the TUN
+        device, tell the timers and send what the kernel answered at once. Returns None if it did, [] if
+        nothing came, or else the datagram as a ``recv_batch`` batch for the batch path (handshakes, a session
+        with bookkeeping due, roaming, GRO trains, a datagram that does not decrypt: the batch path decrypts
+        it again and counts the drop, as the replay window only moves for authentic new counters). See
+        ``_tx_lone`` for why."""
+        udp, tun = self.udp, self.tun
+        assert udp is not None and tun is not None
+        got = udp.recv_lone(block=True)
+        if got is None:
+            return []
+        n, anc, flags, addr = got
+        view = udp.lone_view
+        lane = None
+        if not anc and not flags and n >= MESSAGE_TRANSPORT_MIN_SIZE and view[0] == _MSG_TRANSPORT:
+            lane = self._rx_lanes.get(_U32.unpack_from(view, 4)[0])
+        now = time.monotonic()
+        if (
+            lane is None
+            or addr != lane.recv_from
+            or now >= lane.rx_until
+            or lane.peer.keypairs.current is not lane.keypair
+            or lane.peer.endpoint is not lane.endpoint
+        ):
+            entry = udp.entry(view, n, anc, flags, addr)
+            return [] if entry is None else [entry]
+        try:
+            pt = lane.keypair.decrypt(view[:n])  # type: ignore[arg-type]  # reads any buffer
+        except (InvalidTag, ReplayedCounter):
+            entry = udp.entry(view, n, anc, flags, addr)
+            return [] if entry is None else [entry]
+        peer = lane.peer
+        peer.rx_bytes += n
+        size = len(pt)
+        drop: wg.DropReason | None = None
+        answered = False  # the kernel answers it within our write: an echo request, a TCP segment
+        if size:
+            version = pt[0] >> 4
+            if version == 4 and size >= 20:
+                length, source = (pt[2] << 8) | pt[3], pt[12:16]
+                icmp = (pt[0] & 15) * 4
+                answered = pt[9] == 6 or (pt[9] == 1 and icmp < length and pt[icmp] == 8)
+            elif version == 6 and size >= 40:
+                length, source = ((pt[4] << 8) | pt[5]) + 40, pt[8:24]
+                answered = pt[6] == 6 or (pt[6] == 58 and length > 40 and pt[40] == 128)
+            else:
+                length, source = 0, b""
+            if length > size or length < 20:
+                drop = wg.DropReason.MALFORMED
+            else:
+                allowed = self.device.allowed_ips
+                sender = allowed.memo.get(source, _UNKNOWN)
+                if sender is _UNKNOWN:
+                    sender = allowed.remember(source)
+                if sender != peer.public_key:
+                    drop = wg.DropReason.ALLOWED_IPS
+        with self._lock:  # before the write: "received" before anything is sent (see _settle)
+            peer.timers.on_transport_received(now, size > 0)
+            if drop is not None:
+                self.device.drops[drop] += 1
+        if not size or drop is not None:
+            return None
+        lane.counters.rx_packets += 1
+        packet = pt if length == size else memoryview(pt)[:length]
+        # The write hands the packet on (and wakes its reader): nothing but the answer follows it before this
+        # thread waits again. The answer is sent from here, as the batch path does (see _rx_loop), if the
+        # kernel makes one within the write; for anything else it would be a read that finds nothing.
+        own_tx = answered and self._tx_lock.acquire(blocking=False)
+        if own_tx:
+            tun.hold_wakeups(True)  # see _rx_loop: the tx thread must not wake for the answer
+        try:
+            if not tun.write_iov((VNET_HDR_NONE, packet) if self._tun_hdr else (packet,)):
+                self.tun_write_drops += 1
+            if own_tx:
+                self._tx_answer(probe=False)
+        finally:
+            if own_tx:
+                try:
+                    tun.hold_wakeups(False)
+                finally:
+                    self._tx_lock.release()
+        return None
 
     def _settle(self, now: float, settled: list[tuple[Timers, bool]]) -> None:
         """Timers for runs of settled sessions (what ``Device.receive`` would do for them). Called before
@@ -1361,6 +1588,10 @@ def _send_retyped(udp: UdpSocket, datagrams: Sequence[bytes], first: bytes, endp
             udp.send(b"".join(iov), endpoint)
         else:
             udp.send_gso(iov, len(datagrams[i]), endpoint)
+
+
+def _not_started(data: bytes, addr: object) -> int:
+    raise DataplaneError("the data plane is not started")
 
 
 def _fmt_endpoint(ep: Endpoint | None) -> str:

@@ -337,8 +337,8 @@ class TunDevice:
                 raise DataplaneError(
                     f"TUN {self._name} has no virtio_net_hdr: cannot write offloaded packets"
                 )
-            return self._writev((packet,))
-        return self._writev((hdr, packet)) - VNET_HDR_LEN
+            return self.write_iov((packet,))
+        return self.write_iov((hdr, packet)) - VNET_HDR_LEN
 
     def writev(self, iov: Sequence[Buffer]) -> int:
         """Write one packet given as buffers; with ``vnet_hdr`` the first must be the 10-byte header. This is
@@ -352,9 +352,11 @@ class TunDevice:
                 raise DataplaneError(
                     f"TUN {self._name} has no virtio_net_hdr: cannot write offloaded packets"
                 )
-        return self._writev(iov)
+        return self.write_iov(iov)
 
-    def _writev(self, iov: Sequence[Buffer]) -> int:
+    def write_iov(self, iov: Sequence[Buffer]) -> int:
+        """Write one packet given as buffers, exactly as given (the virtio_net_hdr first on a device that has
+        one). Returns bytes written, or 0 if the queue was full (dropped, like a NIC)."""
         try:
             return os.writev(self._fd, iov)
         except OSError as exc:

@@ -20,20 +20,22 @@ logged fallback to ``"0.0.0.0"`` on a kernel without IPv6). The kernel reports a
 ``fe80::1%2`` for a link-local IPv6 peer: the scope is the interface index, which a reply needs), so a
 configured endpoint and the same peer's packets compare equal; sends to plain IPv4 addresses are mapped.
 
-The socket stays blocking for sends (backpressure instead of drops when the queue is full); receives use
-``MSG_DONTWAIT`` and ``wait_readable`` so a receive loop drains everything pending before it sleeps.
+The socket stays blocking for sends (backpressure instead of drops when the queue is full). Batch receives
+use ``MSG_DONTWAIT``, so a receive loop drains everything pending before it sleeps; it sleeps either in
+``wait_readable`` or, for the data plane, in ``recv_lone(block=True)``, a receive that waits at most the
+``SO_RCVTIMEO`` given to ``set_receive_timeout``.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import logging
 import select
 import socket
 import struct
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from tunnelmesh.node.errors import DataplaneError
 from tunnelmesh.node.offload import Buffer
@@ -56,6 +58,7 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)  # socket(AF_INET6) or bind("::") on an IPv4-only kernel
 
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_ICMP_ERRORS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)  # reported for an earlier send
 _INT = struct.Struct("=i")
 
 
@@ -93,6 +96,8 @@ class UdpSocket:
         self._gso_limit = 65507 if sock.family == socket.AF_INET else 65527
         self._slots = [bytearray(RECV_BUFFER) for _ in range(recv_slots)]
         self._views = [memoryview(b) for b in self._slots]
+        self._lone_iov = (self._slots[0],)
+        self.lone_view = self._views[0]  # where ``recv_lone`` receives
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
         self.gso_fallback_reason: str | None = None if gso else "UDP_SEGMENT not supported"
@@ -212,14 +217,29 @@ class UdpSocket:
         self.close()
 
     # --- send -----------------------------------------------------------------------------------------------
-    def _map(self, addr: Address) -> Address:
-        """An IPv4 destination on an IPv6 socket becomes its v4-mapped form (one check per send call)."""
+    def sockaddr(self, addr: Address) -> Address:
+        """The form ``sendto`` takes for ``addr``: an IPv4 destination on an IPv6 socket becomes v4-mapped."""
         if self.ipv6 and ":" not in addr[0]:
             return ("::ffff:" + addr[0], addr[1])
         return addr
 
+    def received_form(self, endpoint: Endpoint) -> Address | None:
+        """The source address ``recv_lone`` reports for datagrams from ``endpoint`` (what ``recvmsg`` says,
+        before ``recv_batch``'s clean-up), or None for a form it cannot predict (a link-local scope)."""
+        host, port = endpoint
+        if not self.ipv6:
+            return (host, port)
+        if ":" not in host:
+            return ("::ffff:" + host, port, 0, 0)
+        if "%" in host:
+            return None
+        try:
+            return (ipaddress.IPv6Address(host).compressed, port, 0, 0)
+        except ValueError:
+            return None
+
     def send(self, data: Buffer, addr: Address) -> None:
-        addr = self._map(addr)
+        addr = self.sockaddr(addr)
         try:
             self._sock.sendto(data, addr)
         except OSError as exc:
@@ -232,7 +252,7 @@ class UdpSocket:
         if not self.gso:
             self._send_split(bufs, gso_size, addr)
             return
-        addr = self._map(addr)
+        addr = self.sockaddr(addr)
         try:
             self._sock.sendmsg(bufs, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", gso_size))], 0, addr)
         except OSError as exc:
@@ -250,7 +270,7 @@ class UdpSocket:
         """Send datagrams to one address in as few syscalls as possible: runs of equal-sized datagrams (plus
         one shorter tail) go out as one GSO send each. Returns the number of syscalls made."""
         n = len(datagrams)
-        addr = self._map(addr)
+        addr = self.sockaddr(addr)
         if not self.gso:
             for d in datagrams:
                 self.send(d, addr)
@@ -281,9 +301,63 @@ class UdpSocket:
         """Whether a datagram can be received now, without the exception of a receive that finds none."""
         return bool(self._poll.poll(0))
 
-    def recv_batch(self, max_calls: int = 0) -> list[tuple[Endpoint, list[memoryview]]]:
-        """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls (or ``max_calls``), without
-        blocking.
+    def set_receive_timeout(self, seconds: float) -> None:
+        """How long ``recv_lone(block=True)`` waits at most (``SO_RCVTIMEO``; receives that do not block are
+        unaffected)."""
+        whole = int(seconds)
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6))
+        )
+
+    def recv_lone(
+        self, block: bool = False
+    ) -> tuple[int, list[tuple[int, int, bytes]], int, tuple[Any, ...]] | None:
+        """One ``recvmsg`` into the first buffer (``lone_view``), for a datagram that likely comes alone: its
+        raw result ``(size, ancillary data, flags, source)``, or None if nothing came (or only an ICMP error
+        for an earlier send). ``block``: wait for one, at most the receive timeout (``set_receive_timeout``;
+        none by default). The source is as the kernel reports it (``received_form``); ``entry`` turns the
+        result into a ``recv_batch`` entry.
+
+        The receive path's shortcut after idle: sleeping in the receive itself rather than in ``poll`` first
+        saves a syscall and a round of Python on the way to the datagram."""
+        try:
+            return self._sock.recvmsg_into(
+                self._lone_iov, _GRO_CMSG_SPACE, 0 if block else socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _ICMP_ERRORS:
+                return None
+            raise DataplaneError(f"UDP receive failed: {exc.strerror}") from exc
+
+    def entry(
+        self, view: memoryview, n: int, anc: list[tuple[int, int, bytes]], flags: int, addr: tuple[Any, ...]
+    ) -> tuple[Endpoint, list[memoryview]] | None:
+        """One ``recvmsg`` result as a ``recv_batch`` entry: the plain source and the datagrams of a GRO
+        train split apart, or None for a truncated one."""
+        if flags & socket.MSG_TRUNC:
+            log.warning("event=udp_truncated addr=%s bytes=%d", addr, n)
+            return None
+        if self.ipv6:  # (host, port, flowinfo, scope_id) -> (host, port); once per recvmsg, not per datagram
+            host = addr[0]
+            if host[:7] == "::ffff:" and "." in host:  # v4-mapped: an IPv4 peer
+                addr = (host[7:], addr[1])
+            elif addr[3]:  # link-local: replies must leave through the same interface
+                addr = (f"{host}%{addr[3]}", addr[1])
+            else:
+                addr = (host, addr[1])
+        seg = 0
+        for level, kind, data in anc:
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                seg = _INT.unpack_from(data)[0]  # a native int: the size of each coalesced datagram
+        if seg and seg < n:
+            whole = view[:n]  # slicing clamps the last, shorter datagram
+            return (addr[0], addr[1]), [whole[off : off + seg] for off in range(0, n, seg)]
+        return (addr[0], addr[1]), [view[:n]]
+
+    def recv_batch(self) -> list[tuple[Endpoint, list[memoryview]]]:
+        """Receive everything pending, up to ``recv_slots`` ``recvmsg`` calls, without blocking.
 
         Returns ``[(source, [datagram, ...]), ...]``: one entry per ``recvmsg``, whose GRO super-datagram is
         already split into datagrams; ``source`` is a plain ``(host, port)`` (see the module comment). Views
@@ -292,42 +366,21 @@ class UdpSocket:
         to ``wait_readable`` instead of asking again: one syscall less per idle transition).
         """
         out: list[tuple[Endpoint, list[memoryview]]] = []
-        v6 = self.ipv6
         sock = self._sock
         self.drained = False
-        slots: Iterator[tuple[bytearray, memoryview]] = zip(self._slots, self._views, strict=True)
-        if max_calls:
-            slots = itertools.islice(slots, max_calls)
-        for buf, view in slots:
+        for buf, view in zip(self._slots, self._views, strict=True):
             try:
                 n, anc, flags, addr = sock.recvmsg_into((buf,), _GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 self.drained = True
                 break
             except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if exc.errno in _ICMP_ERRORS:
                     continue  # an ICMP error for an earlier send; not data
                 raise DataplaneError(f"UDP receive failed: {exc.strerror}") from exc
-            if flags & socket.MSG_TRUNC:
-                log.warning("event=udp_truncated addr=%s bytes=%d", addr, n)
-                continue
-            if v6:  # (host, port, flowinfo, scope_id) -> (host, port); once per recvmsg, not per datagram
-                host = addr[0]
-                if host[:7] == "::ffff:" and "." in host:  # v4-mapped: an IPv4 peer
-                    addr = (host[7:], addr[1])
-                elif addr[3]:  # link-local: replies must leave through the same interface
-                    addr = (f"{host}%{addr[3]}", addr[1])
-                else:
-                    addr = (host, addr[1])
-            seg = 0
-            for level, kind, data in anc:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-                    seg = _INT.unpack_from(data)[0]  # a native int: the size of each coalesced datagram
-            if seg and seg < n:
-                whole = view[:n]  # slicing clamps the last, shorter datagram
-                out.append((addr, [whole[off : off + seg] for off in range(0, n, seg)]))
-            else:
-                out.append((addr, [view[:n]]))
+            entry = self.entry(view, n, anc, flags, addr)
+            if entry is not None:
+                out.append(entry)
         return out
 
 

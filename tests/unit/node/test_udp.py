@@ -154,12 +154,14 @@ def _wait_batch_of(sock: UdpSocket, count: int) -> list[tuple[Endpoint, list[mem
     return out
 
 
-def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> None:
-    """``max_calls=1`` takes one receive and leaves the rest queued (not drained); a full batch that hits
-    EAGAIN says ``drained``, so the data plane can wait instead of asking again. ``pending`` answers the
-    same question without a receive."""
+def test_recv_lone_takes_one_and_a_full_batch_says_drained(
+    pair: tuple[UdpSocket, UdpSocket],
+) -> None:
+    """``recv_lone`` takes one receive and leaves the rest queued; ``entry`` makes it what ``recv_batch``
+    would have returned. A batch that hits EAGAIN says ``drained``, so the data plane can wait instead of
+    asking again; ``pending`` answers the same question without a receive."""
     tx, rx = pair
-    assert not rx.pending()
+    assert not rx.pending() and rx.recv_lone() is None
     sizes = (100, 200, 300)  # different sizes: GRO cannot merge them, one recvmsg each
     for n in sizes:
         tx.send(bytes([n % 251]) * n, rx.local_address)
@@ -167,13 +169,35 @@ def test_recv_batch_max_calls_and_drained(pair: tuple[UdpSocket, UdpSocket]) -> 
     while not rx.wait_readable(0.1) and time.monotonic() < deadline:
         pass
     time.sleep(0.05)  # loopback delivers synchronously; this only absorbs scheduling on a loaded host
-    first = rx.recv_batch(max_calls=1)
-    assert [len(d) for _a, ds in first for d in ds] == [100]
-    assert not rx.drained and rx.pending()
+    got = rx.recv_lone()
+    assert got is not None
+    n, anc, flags, addr = got
+    source = (tx.local_address[0], tx.local_address[1])
+    assert (n, anc, flags) == (100, [], 0) and addr == rx.received_form(source)
+    assert bytes(rx.lone_view[:n]) == bytes([100]) * 100
+    entry = rx.entry(rx.lone_view, n, anc, flags, addr)
+    assert entry is not None and entry[0] == source and [bytes(d) for d in entry[1]] == [bytes([100]) * 100]
+    assert rx.pending()
     rest = rx.recv_batch()
     assert [len(d) for _a, ds in rest for d in ds] == [200, 300]
     assert rx.drained and not rx.pending()
     assert rx.recv_batch() == [] and rx.drained
+
+
+def test_received_form_is_what_a_dual_stack_socket_reports() -> None:
+    """The data plane's lone-packet path compares raw sources with ``received_form(endpoint)``: it must be
+    exactly what the kernel reports for an IPv4 and an IPv6 peer (else every datagram takes the batch
+    path)."""
+    with UdpSocket.bind() as dual, UdpSocket.bind("127.0.0.1", 0) as v4, UdpSocket.bind("::1", 0) as v6:
+        port = dual.local_address[1]
+        for peer, dst in ((v4, ("127.0.0.1", port)), (v6, ("::1", port))):
+            peer.send(b"x", dst)
+            assert dual.wait_readable(5)
+            got = dual.recv_lone()
+            assert got is not None
+            endpoint = (peer.local_address[0], peer.local_address[1])
+            assert got[3] == dual.received_form(endpoint)
+        assert dual.received_form(("fe80::1%2", 51820)) is None  # the scope id's form is not predictable
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")

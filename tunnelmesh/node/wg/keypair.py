@@ -85,7 +85,7 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayFilter()
 
-    def encrypt(self, packet: bytes) -> bytes:
+    def encrypt(self, packet: bytes | bytearray) -> bytes:
         """The type-4 message carrying ``packet`` (empty for a keepalive), padded to a multiple of 16."""
         counter = self.send_counter
         if counter >= REJECT_AFTER_MESSAGES:
