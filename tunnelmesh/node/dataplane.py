@@ -945,7 +945,10 @@ class DataPlane:
                 datagram = keypair.encrypt(buf[h:n])
             peer.tx_bytes += len(datagram)
             lane.counters.tx_packets += 1
-        self._send_lone(datagram, lane)
+        try:
+            self._sendto(datagram, lane.send_to)
+        except OSError as exc:
+            log.debug("event=udp_send_failed peer=%s error=%r", short(peer.public_key), exc.strerror)
         return -1
 
     def _make_lane(self, peer: Peer, keypair: Keypair) -> None:
@@ -963,12 +966,6 @@ class DataPlane:
         lane = self._tx_lanes.pop(peer_key, None)
         if lane is not None and self._rx_lanes.get(lane.keypair.local_index) is lane:
             del self._rx_lanes[lane.keypair.local_index]
-
-    def _send_lone(self, datagram: bytes, lane: _Lane) -> None:
-        try:
-            self._sendto(datagram, lane.send_to)
-        except OSError as exc:
-            log.debug("event=udp_send_failed peer=%s error=%r", short(lane.peer.public_key), exc.strerror)
 
     def _tx_answer(self, probe: bool) -> None:
         """Send what the kernel answered at once to a TUN write (an echo reply, TCP ACKs). Caller holds

@@ -67,7 +67,7 @@ class Timers:
         self.rearm_keepalive = False
 
     def _jitter(self) -> float:
-        return self.rng.uniform(0.0, REKEY_TIMEOUT_JITTER_MAX)
+        return self.rng.random() * REKEY_TIMEOUT_JITTER_MAX  # uniform(0, max), minus a Python frame
 
     # -- events (wireguard-go timers.go) ---------------------------------------------------------------------
 
