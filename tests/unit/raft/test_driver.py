@@ -5,6 +5,7 @@ id, ReadIndex works through a follower, and a member that may not vote blocks no
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -590,3 +591,39 @@ async def test_raft_state_and_disk_latency_are_exported(cluster: list[Driver]) -
     assert sorted(s.labels["member"] for s in family.samples) == sorted(
         member_label(d.member_id) for d in cluster
     )
+
+
+class _FixedPhase(random.Random):
+    """Election timeouts drawn as usual; every ``random()`` (the ticker's phase) is 0.75."""
+
+    def random(self) -> float:
+        return 0.75
+
+
+async def test_each_member_ticks_at_a_random_phase(tmp_path: Path) -> None:
+    """Members started in the same millisecond must not tick in step (two followers drawing the same election
+    timeout would split the vote): the first tick comes a random fraction of a tick late."""
+    store = SqliteStorage.open(tmp_path / "s", create=True, cluster_id=CLUSTER, member_id=11)
+    ca = pki.create_ca(CLUSTER)
+    ident = pki.issue_coordinator_identity(ca, CLUSTER, member_label(11), ip_addresses=["127.0.0.1"])
+    tick = 0.2
+    d = Driver(
+        storage=store,
+        state=MeshState(),
+        cluster_id=CLUSTER,
+        member_id=11,
+        raft_listen=f"127.0.0.1:{_port()}",
+        credentials=pki.CoordinatorCredentials(ident, ca.certificate_pem, ca),
+        options=DriverOptions(tick=tick, election_ticks=10, heartbeat_ticks=1),
+        rng=_FixedPhase(1),
+    )
+    t0 = time.monotonic()
+    ticker = asyncio.create_task(d._ticker())
+    try:
+        await asyncio.wait_for(d._wake.wait(), 5)  # the ticker sets it on every tick
+        first = time.monotonic() - t0
+        assert d._ticks_due == 1
+    finally:
+        ticker.cancel()
+        store.close()
+    assert first >= tick * 1.75 - 0.01, f"first tick after {first:.3f}s: no phase offset"
