@@ -333,7 +333,6 @@ class DataPlane:
         self._tx_lanes: dict[bytes, _Lane] = {}
         self._rx_lanes: dict[int, _Lane] = {}
         self._tun_hdr = 0  # bytes before the IP packet in a TUN read (the virtio_net_hdr, if any)
-        self._sendto: Callable[..., int] = _not_started
         self._local_caps = 0
         self.errors: list[str] = []  # unexpected exceptions in worker threads (also logged)
         self.tun: TunDevice | None = None
@@ -387,7 +386,6 @@ class DataPlane:
                 fwmark=cfg.fwmark,
             )
             self._tun_hdr = VNET_HDR_LEN if self.tun.vnet_hdr else 0
-            self._sendto = self.udp.socket.sendto
             # The rx thread's longest wait: it checks _stop in between.
             self.udp.set_receive_timeout(IDLE_WAIT)
             for peer in self._initial_peers:
@@ -908,8 +906,8 @@ class DataPlane:
         The latency path: right after a wait, a CPU's caches are cold and every Python step costs many times
         what it costs in a busy loop, so this does about what a bare tunnel would (a memo probe for the
         route, identity checks, the timers, encrypt, send) and leaves everything else to the batch path."""
-        tun = self.tun
-        assert tun is not None
+        tun, udp = self.tun, self.udp
+        assert tun is not None and udp is not None
         buf = self._tx_pool[0]
         n = tun.read_into(buf)
         h = self._tun_hdr
@@ -946,9 +944,9 @@ class DataPlane:
             peer.tx_bytes += len(datagram)
             lane.counters.tx_packets += 1
         try:
-            self._sendto(datagram, lane.send_to)
-        except OSError as exc:
-            log.debug("event=udp_send_failed peer=%s error=%r", short(peer.public_key), exc.strerror)
+            udp.send(datagram, lane.send_to)
+        except DataplaneError as exc:
+            log.debug("event=udp_send_failed peer=%s error=%r", short(peer.public_key), str(exc))
         return -1
 
     def _make_lane(self, peer: Peer, keypair: Keypair) -> None:
@@ -966,6 +964,28 @@ class DataPlane:
         lane = self._tx_lanes.pop(peer_key, None)
         if lane is not None and self._rx_lanes.get(lane.keypair.local_index) is lane:
             del self._rx_lanes[lane.keypair.local_index]
+
+    def _take_tx(self) -> bool:
+        """Take the transmit side (without waiting) around a TUN write whose immediate answer this thread
+        will send itself (see _rx_loop), masking the tx thread's wake-ups meanwhile. False if the tx thread
+        has it."""
+        if not self._tx_lock.acquire(blocking=False):
+            return False
+        try:
+            assert self.tun is not None
+            self.tun.hold_wakeups(True)
+        except BaseException:
+            self._tx_lock.release()
+            raise
+        return True
+
+    def _give_tx(self) -> None:
+        """Undo ``_take_tx``: unmask (a packet left pending wakes the tx thread then) and release."""
+        try:
+            assert self.tun is not None
+            self.tun.hold_wakeups(False)
+        finally:
+            self._tx_lock.release()
 
     def _tx_answer(self, probe: bool) -> None:
         """Send what the kernel answered at once to a TUN write (an echo reply, TCP ACKs). Caller holds
@@ -1144,7 +1164,6 @@ class DataPlane:
         reason = wg.DropReason
         wake = False
         accept_seeded = bool(self._local_caps & CAP_PARTIAL_CSUM)
-        tx_lock = self._tx_lock
         rx_lanes = self._rx_lanes
         idle = True
         while not stop.is_set():
@@ -1276,12 +1295,10 @@ class DataPlane:
                 # Take the transmit side first if it is idle: a TUN write often makes the kernel answer at
                 # once (an echo reply, a TCP ACK). Holding _tx_lock, this thread sends that answer itself,
                 # hot, instead of the tx thread (woken by the same write) competing for the GIL to do it.
-                own_tx = tx_lock.acquire(blocking=False)
+                # The tx thread waits on the TUN device: without the mask this write would wake it, and it
+                # would take the GIL from us just to find the reply gone.
+                own_tx = self._take_tx()
                 try:
-                    if own_tx:
-                        # The tx thread waits on the TUN device: without the mask this write would wake it,
-                        # and it would take the GIL from us just to find the reply gone.
-                        tun.hold_wakeups(True)
                     if deliver:
                         self._deliver(tun, deliver, merge)
                     if seeded:
@@ -1293,10 +1310,7 @@ class DataPlane:
                         self._tx_answer(probe=True)
                 finally:
                     if own_tx:
-                        try:
-                            tun.hold_wakeups(False)
-                        finally:
-                            tx_lock.release()
+                        self._give_tx()
             if settled:  # nothing delivered (keepalives, drops)
                 self._settle(now, settled)
             # Found empty, or most likely empty after a lone datagram (asking costs less than a receive that
@@ -1373,9 +1387,7 @@ class DataPlane:
         # The write hands the packet on (and wakes its reader): nothing but the answer follows it before this
         # thread waits again. The answer is sent from here, as the batch path does (see _rx_loop), if the
         # kernel makes one within the write; for anything else it would be a read that finds nothing.
-        own_tx = answered and self._tx_lock.acquire(blocking=False)
-        if own_tx:
-            tun.hold_wakeups(True)  # see _rx_loop: the tx thread must not wake for the answer
+        own_tx = answered and self._take_tx()
         try:
             if not tun.write_iov((VNET_HDR_NONE, packet) if self._tun_hdr else (packet,)):
                 self.tun_write_drops += 1
@@ -1383,10 +1395,7 @@ class DataPlane:
                 self._tx_answer(probe=False)
         finally:
             if own_tx:
-                try:
-                    tun.hold_wakeups(False)
-                finally:
-                    self._tx_lock.release()
+                self._give_tx()
         return None
 
     def _settle(self, now: float, settled: list[tuple[Timers, bool]]) -> None:
@@ -1585,10 +1594,6 @@ def _send_retyped(udp: UdpSocket, datagrams: Sequence[bytes], first: bytes, endp
             udp.send(b"".join(iov), endpoint)
         else:
             udp.send_gso(iov, len(datagrams[i]), endpoint)
-
-
-def _not_started(data: bytes, addr: object) -> int:
-    raise DataplaneError("the data plane is not started")
 
 
 def _fmt_endpoint(ep: Endpoint | None) -> str:
