@@ -17,7 +17,8 @@ raises its own buffers (``SO_*BUFFORCE``).
     sudo python bench/dataplane.py [--duration 5] [--repeat 1] [--loss 1.0] [--json FILE]
     sudo python bench/dataplane.py --ping-only --repeat 5   # latency rounds only, same setup
 
-``ping_cpu`` is the CPU % each tunnel process used during the ping run (what idle-time latency costs). With
+``ping_cpu`` is the CPU % each tunnel process used during the ping run (what idle-time latency costs), and
+``quiet_cpu`` the same over the second right after it, with no traffic (TunnelMesh's warm wake-ups). With
 ``--repeat`` it also prints (and writes as ``round_ratios``) TunnelMesh / wireguard-go of each round: the
 rounds interleave the paths, so their spread shows how much of a median ratio is the machine's noise.
 
@@ -27,6 +28,7 @@ Needs root, iperf3, wireguard-go and wg.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -53,7 +55,7 @@ PORT = 51820
 MTU = 1420
 SYSCTLS = ("net.core.rmem_default", "net.core.wmem_default")
 FAIR_BUFFER = 4 << 20
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUIET_WINDOW = 1.0  # seconds of CPU measured right after the ping run
 
 
 def genkey() -> tuple[str, str]:
@@ -65,9 +67,13 @@ def genkey() -> tuple[str, str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU time of a process's live threads, to the nanosecond (schedstat; ``stat`` counts in 10 ms ticks,
+    too coarse for a second of pinging)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def iperf3(client: Host, server: Host, dst: str, seconds: float, streams: int) -> float:
@@ -249,6 +255,13 @@ def measure(path: Path_, a: Host, b: Host, seconds: float, ping_only: bool = Fal
         res["ping_cpu"] = [
             round(100 * (cpu_seconds(p) - x) / elapsed, 1) for p, x in zip(pids, before, strict=True)
         ]
+        # ... and in the quiet second after it (TunnelMesh's warm wake-ups: docs/dataplane.md, Latency)
+        before, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
+        time.sleep(QUIET_WINDOW)
+        elapsed = time.monotonic() - t0
+        res["quiet_cpu"] = [
+            round(100 * (cpu_seconds(p) - x) / elapsed, 1) for p, x in zip(pids, before, strict=True)
+        ]
     for streams in () if ping_only else (1, 4):
         pids = path.pids()
         before = [cpu_seconds(p) for p in pids]
@@ -381,7 +394,7 @@ def _print(
     print(
         f"{'path':<14}{'1 stream':>10}{'4 streams':>11}{'ping ms':>9}{'1st ping':>10}"
         f"{f'{args.loss:g}% loss':>10}"
-        f"   CPU % per side (1 stream | 4 streams | ping)"
+        f"   CPU % per side (1 stream | 4 streams | ping | quiet 1 s after)"
     )
     for n, r in summary.items():
         cpu = ""
@@ -389,6 +402,8 @@ def _print(
             cpu = f"   {'/'.join(map(str, r['tcp1_cpu']))} | {'/'.join(map(str, r['tcp4_cpu']))}"
         if "ping_cpu" in r:
             cpu += f"{'   ' if not cpu else ' | '}ping {'/'.join(map(str, r['ping_cpu']))}"
+        if "quiet_cpu" in r:
+            cpu += f" | quiet {'/'.join(map(str, r['quiet_cpu']))}"
         loss = f"{r['loss_tcp1_gbps']:10.3f}" if "loss_tcp1_gbps" in r else f"{'-':>10}"
         tcp = "".join(
             f"{r[k]:{w}.3f}" if k in r else f"{'-':>{w}}" for k, w in (("tcp1_gbps", 10), ("tcp4_gbps", 11))

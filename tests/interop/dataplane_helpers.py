@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from tunnelmesh.netlab import Lab
 from tunnelmesh.netlab.process import Process
 from tunnelmesh.netlab.topology import Host, Node
-from tunnelmesh.node.dataplane import DataPlane, InterfaceConfig, PeerConfig, PeerStatus
+from tunnelmesh.node.dataplane import WARM_TICK, DataPlane, InterfaceConfig, PeerConfig, PeerStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 WG_PORT = 51820
@@ -115,6 +115,7 @@ class Engine:
         offloads: bool = True,
         listen_host: str | None = None,
         listen_port: int = WG_PORT,
+        warm_tick: float = WARM_TICK,
     ) -> None:
         self.host, self.name, self.tun_ip = host, name, tun_ip
         self.key = nacl.public.PrivateKey.generate()
@@ -128,6 +129,7 @@ class Engine:
                 addresses=(f"{tun_ip}/24",),
                 offloads=offloads,
                 listen_host=listen_host,
+                warm_tick=warm_tick,
             ),
             registry=self.registry,
         )
@@ -167,13 +169,18 @@ class TmNode:
         return {"TUNNELMESH_RUN_DIR": str(self.run_dir), "PYTHONPATH": str(ROOT)}
 
     def up(
-        self, address: str, peers: list[PeerSpec], port: int = WG_PORT, interface: Sequence[str] = ()
+        self,
+        address: str,
+        peers: list[PeerSpec],
+        port: int = WG_PORT,
+        interface: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         conf = self.workdir / f"{self.iface}.conf"
         conf.write_text(wg_quick_text(self.key, address, peers, port, interface))
         conf.chmod(0o600)
         self.proc = self.host.spawn(
-            [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf)],
+            [sys.executable, "-m", "tunnelmesh.cli.dataplane_cmd", "up", "--config", str(conf), *args],
             name=f"tm-{self.iface}-{time.monotonic_ns()}",
             env=self.env,
         )

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from tests.interop.dataplane_helpers import WG_PORT, Engine, ping
 from tunnelmesh.netlab import Lab
-from tunnelmesh.node.dataplane import DataPlane
+from tunnelmesh.node import dataplane
+from tunnelmesh.node.dataplane import IDLE_WAIT, DataPlane
 from tunnelmesh.node.errors import DataplaneError
+from tunnelmesh.node.tun import TunDevice
+from tunnelmesh.node.udp import UdpSocket
 
 pytestmark = [
     pytest.mark.netns,
@@ -189,3 +194,135 @@ def test_lone_packets_take_the_lanes_and_keep_the_books(
     assert r.returncode != 0, "a answered a packet from outside b's allowed IPs"
     assert a.registry.get_sample_value("tunnelmesh_dataplane_drops_total", drop) == 3
     assert calls == [], f"the batch paths ran: {calls}"
+
+
+def test_packet_threads_wake_on_the_tick_after_traffic_then_sleep_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a packet, an engine's idle packet threads wait one tick at a time (the tx thread polls the TUN
+    device with the tick, the rx thread's receive times out after it and opens a dummy message) for
+    WARM_PERIOD, then go back to the long wait; an engine with ``warm_tick=0`` only ever waits long."""
+    tick = 0.01
+    monkeypatch.setattr(dataplane, "WARM_PERIOD", 0.3)  # 30 ticks
+    waits: list[tuple[object, float | None]] = []
+    timeouts: list[tuple[object, float]] = []
+    real_wait, real_timeout = TunDevice.wait_readable, UdpSocket.set_receive_timeout
+
+    def wait_readable(tun: TunDevice, timeout: float | None) -> bool:
+        waits.append((tun, timeout))
+        return real_wait(tun, timeout)
+
+    def set_receive_timeout(udp: UdpSocket, seconds: float) -> None:
+        timeouts.append((udp, seconds))
+        real_timeout(udp, seconds)
+
+    warm_opens: dict[str, int] = {}  # by the rx thread's name
+
+    class CountingAEAD:  # the Rust class cannot be subclassed
+        def __init__(self, key: bytes) -> None:
+            self.aead = ChaCha20Poly1305(key)
+
+        def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+            return self.aead.encrypt(nonce, data, associated_data)
+
+        def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+            name = threading.current_thread().name
+            warm_opens[name] = warm_opens.get(name, 0) + 1
+            return self.aead.decrypt(nonce, data, associated_data)
+
+    monkeypatch.setattr(dataplane, "ChaCha20Poly1305", CountingAEAD)
+    monkeypatch.setattr(TunDevice, "wait_readable", wait_readable)
+    monkeypatch.setattr(UdpSocket, "set_receive_timeout", set_receive_timeout)
+    with Lab() as lab:
+        lan = lab.lan("l", "10.72.0.0/24")
+        a = Engine(lab.host("a", lan), "a", lab.id, TUN["a"], warm_tick=tick)
+        b = Engine(lab.host("b", lan), "b", lab.id, TUN["b"], warm_tick=0)
+        for e in (a, b):
+            e.start()
+        try:
+            a.add_peer(b.as_peer(b.lan_endpoint))
+            b.add_peer(a.as_peer(a.lan_endpoint))
+            ping(a.host, TUN["b"], count=1)
+
+            def a_rx(seconds: float) -> list[float]:
+                return [s for u, s in timeouts if u is a.plane.udp and s == seconds]
+
+            deadline = time.monotonic() + 10
+            while len(a_rx(IDLE_WAIT)) < len(a_rx(tick)) or not a_rx(tick):
+                assert time.monotonic() < deadline, "a's rx thread never went back to the long wait"
+                time.sleep(0.05)
+            time.sleep(3 * IDLE_WAIT)  # the tx thread too: its last tick wait is long over
+            waits.clear()
+            timeouts.clear()
+            warm_opens.clear()
+
+            ping(a.host, TUN["b"], count=1)  # a: tx thread sends the request, rx thread gets the reply
+            while len(a_rx(IDLE_WAIT)) < 1:
+                assert time.monotonic() < deadline + 10, "a's rx thread stayed on the tick"
+                time.sleep(0.05)
+            time.sleep(3 * IDLE_WAIT)
+            a_tun = [t for d, t in waits if d is a.plane.tun]
+            b_tun = [t for d, t in waits if d is b.plane.tun]
+        finally:
+            for e in (a, b):
+                e.plane.stop()
+    assert [s for u, s in timeouts if u is a.plane.udp] == [tick, IDLE_WAIT], timeouts
+    assert a_tun.count(tick) >= 30, f"a's tx thread waited {a_tun.count(tick)} ticks"
+    assert a_tun[-1] == IDLE_WAIT, "a's tx thread stayed on the tick"
+    assert not [1 for u, _ in timeouts if u is b.plane.udp], "b (warm_tick=0) changed its receive timeout"
+    assert b_tun and set(b_tun) == {IDLE_WAIT}, f"b (warm_tick=0) waited {set(b_tun)}"
+    assert warm_opens.get(f"{a.plane.name}-rx", 0) >= 1, warm_opens  # at least one tick in 0.3 s
+    assert f"{b.plane.name}-rx" not in warm_opens, "b (warm_tick=0) opened warm-up messages"
+
+
+FLOOD = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    s.sendto(bytes(512), (sys.argv[1], 9))
+"""
+
+
+def test_a_packet_thread_does_not_tick_while_the_other_carries_bulk_traffic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick takes the GIL, so a thread whose sibling moves bulk traffic waits long instead: a's tx thread,
+    warm after a ping, stops ticking while a UDP flood from b keeps a's rx thread busy, and ticks again once
+    the flood is over (after at most two long waits: the first one after the flood still sees its packets)."""
+    tick = 0.01
+    monkeypatch.setattr(dataplane, "WARM_PERIOD", 2.0)  # 200 ticks: warm through the whole flood
+    waits: list[tuple[float, float | None]] = []  # a's tx thread: (when, timeout)
+    real_wait = TunDevice.wait_readable
+
+    def wait_readable(tun: TunDevice, timeout: float | None) -> bool:
+        if tun.name.endswith("a"):
+            waits.append((time.monotonic(), timeout))
+        return real_wait(tun, timeout)
+
+    monkeypatch.setattr(TunDevice, "wait_readable", wait_readable)
+    with Lab() as lab:
+        lan = lab.lan("l", "10.72.0.0/24")
+        a = Engine(lab.host("a", lan), "a", lab.id, TUN["a"], warm_tick=tick)
+        b = Engine(lab.host("b", lan), "b", lab.id, TUN["b"], warm_tick=0)
+        for e in (a, b):
+            e.start()
+        try:
+            a.add_peer(b.as_peer(b.lan_endpoint))
+            b.add_peer(a.as_peer(a.lan_endpoint))
+            ping(a.host, TUN["b"], count=2)
+            a.host.run(["ping", "-c", "1", TUN["b"]], timeout=10)  # a's tx thread: warm now
+            received = a.plane._rx_packets
+            start = time.monotonic()
+            b.host.run([sys.executable, "-c", FLOOD, TUN["a"], "0.6"], timeout=30)
+            end = time.monotonic()
+            flooded = a.plane._rx_packets - received
+            time.sleep(3 * IDLE_WAIT + 0.2)
+        finally:
+            for e in (a, b):
+                e.plane.stop()
+    assert flooded > 2 * dataplane.WARM_BUSY_RATE * (end - start), f"only {flooded} packets: no bulk traffic"
+    during = [t for when, t in waits if start + 0.1 < when < end]
+    after = [t for when, t in waits if when > end + 3 * IDLE_WAIT]
+    assert during.count(tick) <= 2, f"a's tx thread ticked {during.count(tick)} times during the flood"
+    assert after.count(tick) >= 5, "a's tx thread did not tick again after the flood"

@@ -22,6 +22,7 @@ import pytest
 from tests.interop.dataplane_helpers import WG_PORT, PeerSpec, TmNode, ping, tcp_transfer
 from tunnelmesh.netlab import Lab
 from tunnelmesh.netlab.topology import Host
+from tunnelmesh.node.dataplane import WARM_TICK
 from tunnelmesh.node.wg.constants import LABEL_MAC1, MESSAGE_INITIATION_SIZE
 from tunnelmesh.node.wg.crypto import HASH, MAC
 
@@ -57,7 +58,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 for o, other in nodes.items()
                 if o != name
             ]
-            node.up(f"{TUN[name]}/24", peers)
+            node.up(f"{TUN[name]}/24", peers, args=["--low-power"] if name == "c" else [])
         yield Mesh(lab, nodes, evil)
         for node in nodes.values():
             node.down()
@@ -70,6 +71,7 @@ def test_full_mesh_every_node_reaches_every_other(mesh: Mesh) -> None:
                 ping(node.host, TUN[other], count=2)
     for name, node in mesh.nodes.items():
         status = node.show()
+        assert status["warm_tick"] == (0 if name == "c" else WARM_TICK), "c runs with --low-power"
         assert len(status["peers"]) == 2
         for p in status["peers"]:
             assert p["latest_handshake"], f"{name}: no handshake with {p['public_key'][:8]}"

@@ -73,9 +73,19 @@ def dataplane() -> None:
 @click.option(
     "--no-routes", is_flag=True, help="Do not add routes for the peers' allowed IPs (as `Table = off`)."
 )
+@click.option(
+    "--low-power",
+    is_flag=True,
+    help="No warm wake-ups after traffic: less CPU, a slower first packet after each pause.",
+)
 @click.option("--metrics", "metrics_addr", default=None, help="Serve Prometheus metrics on HOST:PORT.")
 def up(
-    config_path: str, iface: str | None, no_offloads: bool, no_routes: bool, metrics_addr: str | None
+    config_path: str,
+    iface: str | None,
+    no_offloads: bool,
+    no_routes: bool,
+    low_power: bool,
+    metrics_addr: str | None,
 ) -> None:
     """Bring an interface up from a wg-quick config and run it in the foreground."""
     _ensure_logging()
@@ -86,11 +96,12 @@ def up(
             "event=config_key_ignored where=%r reason=%r", where, "only wg-quick's shell script uses it"
         )
     interface = cfg.interface
-    if no_offloads or no_routes:
+    if no_offloads or no_routes or low_power:
         interface = dataclasses.replace(
             interface,
             offloads=interface.offloads and not no_offloads,
             manage_routes=interface.manage_routes and not no_routes,  # `Table = off` stays off
+            warm_tick=0 if low_power else interface.warm_tick,
         )
     registry = CollectorRegistry() if metrics_addr else None
     plane = DataPlane(interface, cfg.peers, registry=registry)
@@ -360,6 +371,13 @@ def format_status(s: dict[str, Any], *, now: float | None = None) -> str:
         f"  offloads: tun={','.join(off.get('tun', [])) or 'none'} gso={_yn(off.get('udp_gso'))} "
         f"gro={_yn(off.get('udp_gro'))}"
     )
+    if "warm_tick" in s:
+        tick = s["warm_tick"]
+        lines.append(
+            f"  warm wake-ups: every {tick * 1000:g} ms for {s['warm_period']:g} s after traffic"
+            if tick
+            else "  warm wake-ups: off (low power)"
+        )
     peers = sorted(s.get("peers", []), key=lambda p: -(p.get("latest_handshake") or 0))
     for p in peers:
         lines.append("")

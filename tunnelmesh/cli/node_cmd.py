@@ -80,6 +80,11 @@ def daemon_options(f: F) -> F:
         click.option("--no-dns", is_flag=True, help="Do not run the mesh DNS resolver."),
         click.option("--no-relay", is_flag=True, help="Do not use coordinator relays."),
         click.option("--no-offloads", is_flag=True, help="Plain packet I/O: no TUN TSO, no UDP GSO/GRO."),
+        click.option(
+            "--low-power",
+            is_flag=True,
+            help="No warm wake-ups after traffic: less CPU, a slower first packet after each pause.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -97,6 +102,7 @@ def run_daemon(
     no_dns: bool,
     no_relay: bool,
     no_offloads: bool,
+    low_power: bool,
 ) -> None:
     """Run the node daemon in the foreground until SIGTERM/SIGINT (or `tunnelmesh dataplane down IFACE`)."""
     ensure_agent_logging()
@@ -109,6 +115,7 @@ def run_daemon(
         heartbeat_timeout=heartbeat_timeout,
         retry_max=retry_max,
         offloads=not no_offloads,
+        low_power=low_power,
         dns=not no_dns,
         relay=not no_relay,
     )

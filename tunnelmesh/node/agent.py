@@ -72,7 +72,15 @@ from tunnelmesh.identity import load_or_create, load_private_key
 from tunnelmesh.metrics import by_label, counter_family, gauge_family
 from tunnelmesh.node import control
 from tunnelmesh.node.config_apply import DesiredPeer, OutOfSync, desired_peers, merge, plan
-from tunnelmesh.node.dataplane import DEFAULT_MTU, DataPlane, InterfaceConfig, PeerConfig, key_b64, short
+from tunnelmesh.node.dataplane import (
+    DEFAULT_MTU,
+    WARM_TICK,
+    DataPlane,
+    InterfaceConfig,
+    PeerConfig,
+    key_b64,
+    short,
+)
 from tunnelmesh.node.errors import DataplaneError
 from tunnelmesh.node.state_dir import NodeState, StateDir, StateDirError
 from tunnelmesh.tokens import JoinToken
@@ -297,6 +305,7 @@ class AgentOptions:
     retry_base: float = 0.25
     retry_max: float = 10.0
     offloads: bool = True
+    low_power: bool = False  # no warm wake-ups of the packet threads (InterfaceConfig.warm_tick 0)
     relay: bool = True  # use relay_client.RelayClient when it is installed
     nat: bool = True  # use nat.PathManager when it is installed
     dns: bool = True  # use dns.MeshResolver when it is installed
@@ -390,6 +399,7 @@ class Agent:
             addresses=self.node.mesh_addresses,
             mtu=mtu,
             offloads=self.options.offloads,
+            warm_tick=0 if self.options.low_power else WARM_TICK,
         )
         self.plane = DataPlane(iface, registry=self.registry)
         self.registry.register(_AgentCollector(self))

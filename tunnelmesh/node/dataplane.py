@@ -44,7 +44,10 @@ and one syscall to hand it on; anything else (handshakes, offloaded super-packet
 session with bookkeeping due, a datagram that does not decrypt) goes on to the batch path as before. The rx
 thread sleeps in the receive itself (``SO_RCVTIMEO``) rather than in ``poll`` first. The bookkeeping comes
 before the hand-over and nothing but the wait after it: whatever the hand-over woke may be queued on the
-same CPU. See docs/dataplane.md, Latency.
+same CPU. For a second after their last packet, the packet threads wait one short tick at a time
+(``InterfaceConfig.warm_tick``) and on each tick run part of their path on nothing (the tx thread a TUN read,
+the rx thread a dummy AEAD open), so the next lone packet does not find its CPU cold. See docs/dataplane.md,
+Latency.
 
 Checksums (negotiated, TunnelMesh peers only): right after every handshake each side sends a *capabilities*
 message (type 0x10, encrypted and replay-checked like transport). A peer that offers ``CAP_PARTIAL_CSUM``
@@ -84,6 +87,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypeVar, cast
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -118,6 +122,16 @@ HANDSHAKE_QUEUE: Final = 4096  # handshake messages waiting for the control thre
 UNDER_LOAD_QUEUE: Final = HANDSHAKE_QUEUE // 8  # backlog at which the device answers with cookies
 UNDER_LOAD_HOLD: Final = 1.0  # seconds the device stays "under load" after the backlog clears
 IDLE_WAIT: Final = 0.2  # seconds a packet thread sleeps in poll() before re-checking for shutdown
+# For WARM_PERIOD seconds after its last packet, an idle packet thread wakes every WARM_TICK seconds, which
+# keeps its CPU out of long idle, so the next lone packet is not handled cold (docs/dataplane.md, Latency).
+WARM_TICK: Final = 0.001
+WARM_PERIOD: Final = 1.0
+# ... unless the other packet thread carries more packets a second than this: a tick would take the GIL from
+# a thread moving bulk traffic (a single TCP stream lost 7 % to ticks every 1 ms), and a busy process needs
+# no warming. A ping or a request/response exchange stays far below it.
+WARM_BUSY_RATE: Final = 2000
+_WARM_NONCE: Final = bytes(12)
+_WARM_SIZE: Final = 96  # the padded payload of a ping
 CONTROL_TICK: Final = 0.25  # upper bound on the control thread's sleep
 THREAD_JOIN: Final = 5.0
 HANDSHAKE_BURST: Final = 64  # handshake messages per control-loop round before timers are checked
@@ -202,6 +216,13 @@ class InterfaceConfig:
     udp_buffer: int = 4 << 20
     # Offer TunnelMesh peers to skip payload checksums (negotiated per session; stock peers never see it).
     skip_checksums: bool = True
+    # Seconds between wake-ups of an idle packet thread while traffic is recent (WARM_PERIOD); 0: sleep
+    # until a packet comes (less CPU, a slower first packet after each pause).
+    warm_tick: float = WARM_TICK
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.warm_tick <= IDLE_WAIT:
+            raise DataplaneError(f"warm tick must be 0 (off) or up to {IDLE_WAIT} s, got {self.warm_tick}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +269,28 @@ class _Counters:
         self.rx_packets = 0
         self.tx_packets = 0
         self.handshakes = 0
+
+
+class _Warmth:
+    """One packet thread's warm waits (see ``DataPlane._warmth``)."""
+
+    __slots__ = ("_asked", "_seen", "quiet", "tick", "ticks")
+
+    def __init__(self, tick: float, ticks: int) -> None:
+        self.tick, self.ticks = tick, ticks  # ticks: how many empty waits in a row end the warm period
+        self.quiet = ticks  # empty waits in a row (the thread counts them); it starts cold
+        self._seen, self._asked = 0, 0.0
+
+    def warm(self, sibling_packets: int) -> bool:
+        """Whether the next wait is a short tick: this thread had traffic within the warm period, and the
+        other packet thread (``sibling_packets``: its running count) carried fewer than WARM_BUSY_RATE
+        packets a second since the last ask."""
+        if self.quiet >= self.ticks:
+            return False
+        now = time.monotonic()
+        busy = sibling_packets - self._seen > (now - self._asked) * WARM_BUSY_RATE
+        self._seen, self._asked = sibling_packets, now
+        return not busy
 
 
 class _Lane:
@@ -328,6 +371,8 @@ class DataPlane:
         self._tx_pool = [bytearray(MAX_READ) for _ in range(TX_READS)]
         self._tx_views = [memoryview(b) for b in self._tx_pool]
         self._tx_drained = False
+        # Packets each packet thread carried (sent; received): the other one's warm waits read them (_Warmth).
+        self._tx_packets = self._rx_packets = 0
         # Lanes of settled sessions for the lone-packet paths: by peer key, and by our receiver index. Written
         # under _lock, read without it (one dict probe each).
         self._tx_lanes: dict[bytes, _Lane] = {}
@@ -386,7 +431,7 @@ class DataPlane:
                 fwmark=cfg.fwmark,
             )
             self._tun_hdr = VNET_HDR_LEN if self.tun.vnet_hdr else 0
-            # The rx thread's longest wait: it checks _stop in between.
+            # The rx thread's longest wait: it checks _stop in between (shorter while warm: _rx_loop).
             self.udp.set_receive_timeout(IDLE_WAIT)
             for peer in self._initial_peers:
                 self.add_peer(peer)
@@ -644,6 +689,8 @@ class DataPlane:
                 if self._local_caps & CAP_PARTIAL_CSUM
                 else "computed",
             },
+            "warm_tick": self.config.warm_tick,  # 0: off (low power)
+            "warm_period": WARM_PERIOD,
             "under_load": self.device.under_load,
             "drops": self.drops(),
             "peers": [p.to_json() for p in self.peers()],
@@ -883,6 +930,7 @@ class DataPlane:
         assert tun is not None
         stop = self._stop
         tx_lock = self._tx_lock
+        warmth = self._warmth()
         woke = False
         while not stop.is_set():
             with tx_lock:
@@ -890,13 +938,29 @@ class DataPlane:
                     # Found the device empty: wait right away rather than ask again (a read and an exception).
                     woke = not self._tx_batch() or self._tx_drained
                 else:  # most likely for one packet (a ping, a request, an ACK): it leaves before any batching
+                    # After a wait that timed out too: a read that finds nothing keeps this path warm.
                     sent = self._tx_lone()
                     if sent > 0:
                         self._tx_batch(pre=sent)
                         woke = self._tx_drained
                     # After a lone packet (sent < 0), wait right away: a wait returns at once if more came.
             if woke:
-                tun.wait_readable(IDLE_WAIT)
+                if tun.wait_readable(warmth.tick if warmth.warm(self._rx_packets) else IDLE_WAIT):
+                    warmth.quiet = 0
+                else:
+                    warmth.quiet += 1
+
+    def _warmth(self) -> _Warmth:
+        """A packet thread's warm waits: for WARM_PERIOD after its last packet it waits one short tick at a
+        time (``InterfaceConfig.warm_tick``; 0 turns this off) and does a little of its work on each.
+
+        Why: a CPU left idle for more than a few milliseconds runs the next packet's Python cold (caches,
+        TLB, branch predictors; on a VM also the host's scheduling), several times slower than one that
+        woke a moment ago; short waits after traffic keep it warm for a little CPU (docs/dataplane.md). The
+        rx thread's tick is a receive timeout (``SO_RCVTIMEO``), which the kernel rounds up to its clock
+        tick (4 ms at HZ=250); a precise 1 ms poll there cost more CPU and was no faster."""
+        tick = self.config.warm_tick
+        return _Warmth(tick, max(1, round(WARM_PERIOD / tick)) if tick > 0 else 0)
 
     def _tx_lone(self) -> int:
         """Read one packet and, if it is plain (no offload) and its peer has a lane, send it from here. Caller
@@ -943,6 +1007,7 @@ class DataPlane:
                 datagram = keypair.encrypt(buf[h:n])
             peer.tx_bytes += len(datagram)
             lane.counters.tx_packets += 1
+            self._tx_packets += 1
         try:
             udp.send(datagram, lane.send_to)
         except DataplaneError as exc:
@@ -1078,6 +1143,7 @@ class DataPlane:
             self.no_route_drops += no_route
         if not groups:
             return False
+        self._tx_packets += count
         now = time.monotonic()
         for (peer_key, seeded), packets in groups.items():
             self._send_packets(now, peer_key, packets, udp, seeded)
@@ -1165,13 +1231,27 @@ class DataPlane:
         wake = False
         accept_seeded = bool(self._local_caps & CAP_PARTIAL_CSUM)
         rx_lanes = self._rx_lanes
+        warmth = self._warmth()  # the socket starts with the long receive timeout
+        warm_aead = ChaCha20Poly1305(bytes(32))  # opened on warm ticks: the AEAD's code stays in the caches
+        warm_sealed = warm_aead.encrypt(_WARM_NONCE, bytes(_WARM_SIZE), None)
         idle = True
         while not stop.is_set():
             lone = idle
             if idle:
-                # Nothing pending: wait in a receive (at most IDLE_WAIT). What comes is most likely one
-                # datagram (a ping, a request): the lone path delivers it, or hands it back as a batch of one.
+                # Nothing pending: wait in a receive (SO_RCVTIMEO: the tick while warm, else IDLE_WAIT).
+                # What comes is most likely one datagram (a ping, a request): the lone path delivers it, or
+                # hands it back as a batch of one.
                 batch = self._rx_lone()
+                if batch == []:
+                    if warmth.warm(self._tx_packets):
+                        warm_aead.decrypt(_WARM_NONCE, warm_sealed, None)
+                    warmth.quiet += 1
+                    if warmth.quiet == warmth.ticks:
+                        udp.set_receive_timeout(IDLE_WAIT)
+                    continue
+                if warmth.quiet >= warmth.ticks and warmth.ticks:
+                    udp.set_receive_timeout(warmth.tick)
+                warmth.quiet = 0
                 if batch is None:
                     continue
             else:
@@ -1180,6 +1260,7 @@ class DataPlane:
                 idle = True
                 continue
             idle = False
+            self._rx_packets += sum(len(dgrams) for _, dgrams in batch)
             now = time.monotonic()
             deliver: list[Buffer] = []
             seeded: list[Buffer] = []
@@ -1319,13 +1400,13 @@ class DataPlane:
                 idle = True
 
     def _rx_lone(self) -> list[tuple[Endpoint, list[memoryview]]] | None:
-        """Wait for one datagram (at most ``IDLE_WAIT``) and, if it is transport under a lane's keypair from
-        the lane's endpoint, deliver it from here: decrypt, check the inner source, write it to the TUN
-        device, tell the timers and send what the kernel answered at once. Returns None if it did, [] if
-        nothing came, or else the datagram as a ``recv_batch`` batch for the batch path (handshakes, a session
-        with bookkeeping due, roaming, GRO trains, a datagram that does not decrypt: the batch path decrypts
-        it again and counts the drop, as the replay window only moves for authentic new counters). See
-        ``_tx_lone`` for why."""
+        """Wait for one datagram (at most the socket's receive timeout, see _rx_loop) and, if it is transport
+        under a lane's keypair from the lane's endpoint, deliver it from here: decrypt, check the inner
+        source, write it to the TUN device, tell the timers and send what the kernel answered at once.
+        Returns None if it did, [] if nothing came, or else the datagram as a ``recv_batch`` batch for the
+        batch path (handshakes, a session with bookkeeping due, roaming, GRO trains, a datagram that does
+        not decrypt: the batch path decrypts it again and counts the drop, as the replay window only moves
+        for authentic new counters). See ``_tx_lone`` for why."""
         udp, tun = self.udp, self.tun
         assert udp is not None and tun is not None
         got = udp.recv_lone(block=True)
@@ -1383,6 +1464,7 @@ class DataPlane:
         if not size or drop is not None:
             return None
         lane.counters.rx_packets += 1
+        self._rx_packets += 1
         packet = pt if length == size else memoryview(pt)[:length]
         # The write hands the packet on (and wakes its reader): nothing but the answer follows it before this
         # thread waits again. The answer is sent from here, as the batch path does (see _rx_loop), if the

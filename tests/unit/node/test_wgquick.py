@@ -294,6 +294,11 @@ def test_show_prints_like_wg_show() -> None:
     assert "fwmark" not in text  # like `wg show`: only when set
     assert "  fwmark: 0xca6c\n" in format_status({**status, "fwmark": 51820}, now=1000.0)
     assert "loss" not in text  # only when something was lost
+    assert "warm wake-ups" not in text  # a status from before they existed
+    warm = {**status, "warm_tick": 0.001, "warm_period": 1.0}
+    assert "  warm wake-ups: every 1 ms for 1 s after traffic\n" in format_status(warm, now=1000.0)
+    low = format_status({**warm, "warm_tick": 0}, now=1000.0)
+    assert "  warm wake-ups: off (low power)\n" in low
     peers: list[dict[str, object]] = status["peers"]  # type: ignore[assignment]
     lossy = {**peers[0], "rx_packets": 997, "rx_lost": 3}
     assert "  receive loss: 3 packets (0.3%)" in format_status({**status, "peers": [lossy]}, now=1000.0)
