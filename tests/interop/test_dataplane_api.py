@@ -9,6 +9,7 @@ and no TUN device behind.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import sys
 import threading
@@ -196,6 +197,24 @@ def test_lone_packets_take_the_lanes_and_keep_the_books(
     assert calls == [], f"the batch paths ran: {calls}"
 
 
+@contextlib.contextmanager
+def _warm_and_cold_pair(tick: float) -> Iterator[tuple[Engine, Engine]]:
+    """Engines a (warm waits every ``tick``) and b (``warm_tick=0``), peered, in a lab of their own."""
+    with Lab() as lab:
+        lan = lab.lan("l", "10.72.0.0/24")
+        a = Engine(lab.host("a", lan), "a", lab.id, TUN["a"], warm_tick=tick)
+        b = Engine(lab.host("b", lan), "b", lab.id, TUN["b"], warm_tick=0)
+        for e in (a, b):
+            e.start()
+        try:
+            a.add_peer(b.as_peer(b.lan_endpoint))
+            b.add_peer(a.as_peer(a.lan_endpoint))
+            yield a, b
+        finally:
+            for e in (a, b):
+                e.plane.stop()
+
+
 def test_packet_threads_wake_on_the_tick_after_traffic_then_sleep_long(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -233,39 +252,28 @@ def test_packet_threads_wake_on_the_tick_after_traffic_then_sleep_long(
     monkeypatch.setattr(dataplane, "ChaCha20Poly1305", CountingAEAD)
     monkeypatch.setattr(TunDevice, "wait_readable", wait_readable)
     monkeypatch.setattr(UdpSocket, "set_receive_timeout", set_receive_timeout)
-    with Lab() as lab:
-        lan = lab.lan("l", "10.72.0.0/24")
-        a = Engine(lab.host("a", lan), "a", lab.id, TUN["a"], warm_tick=tick)
-        b = Engine(lab.host("b", lan), "b", lab.id, TUN["b"], warm_tick=0)
-        for e in (a, b):
-            e.start()
-        try:
-            a.add_peer(b.as_peer(b.lan_endpoint))
-            b.add_peer(a.as_peer(a.lan_endpoint))
-            ping(a.host, TUN["b"], count=1)
+    with _warm_and_cold_pair(tick) as (a, b):
+        ping(a.host, TUN["b"], count=1)
 
-            def a_rx(seconds: float) -> list[float]:
-                return [s for u, s in timeouts if u is a.plane.udp and s == seconds]
+        def a_rx(seconds: float) -> list[float]:
+            return [s for u, s in timeouts if u is a.plane.udp and s == seconds]
 
-            deadline = time.monotonic() + 10
-            while len(a_rx(IDLE_WAIT)) < len(a_rx(tick)) or not a_rx(tick):
-                assert time.monotonic() < deadline, "a's rx thread never went back to the long wait"
-                time.sleep(0.05)
-            time.sleep(3 * IDLE_WAIT)  # the tx thread too: its last tick wait is long over
-            waits.clear()
-            timeouts.clear()
-            warm_opens.clear()
+        deadline = time.monotonic() + 10
+        while len(a_rx(IDLE_WAIT)) < len(a_rx(tick)) or not a_rx(tick):
+            assert time.monotonic() < deadline, "a's rx thread never went back to the long wait"
+            time.sleep(0.05)
+        time.sleep(3 * IDLE_WAIT)  # the tx thread too: its last tick wait is long over
+        waits.clear()
+        timeouts.clear()
+        warm_opens.clear()
 
-            ping(a.host, TUN["b"], count=1)  # a: tx thread sends the request, rx thread gets the reply
-            while len(a_rx(IDLE_WAIT)) < 1:
-                assert time.monotonic() < deadline + 10, "a's rx thread stayed on the tick"
-                time.sleep(0.05)
-            time.sleep(3 * IDLE_WAIT)
-            a_tun = [t for d, t in waits if d is a.plane.tun]
-            b_tun = [t for d, t in waits if d is b.plane.tun]
-        finally:
-            for e in (a, b):
-                e.plane.stop()
+        ping(a.host, TUN["b"], count=1)  # a: tx thread sends the request, rx thread gets the reply
+        while len(a_rx(IDLE_WAIT)) < 1:
+            assert time.monotonic() < deadline + 10, "a's rx thread stayed on the tick"
+            time.sleep(0.05)
+        time.sleep(3 * IDLE_WAIT)
+        a_tun = [t for d, t in waits if d is a.plane.tun]
+        b_tun = [t for d, t in waits if d is b.plane.tun]
     assert [s for u, s in timeouts if u is a.plane.udp] == [tick, IDLE_WAIT], timeouts
     assert a_tun.count(tick) >= 30, f"a's tx thread waited {a_tun.count(tick)} ticks"
     assert a_tun[-1] == IDLE_WAIT, "a's tx thread stayed on the tick"
@@ -301,26 +309,15 @@ def test_a_packet_thread_does_not_tick_while_the_other_carries_bulk_traffic(
         return real_wait(tun, timeout)
 
     monkeypatch.setattr(TunDevice, "wait_readable", wait_readable)
-    with Lab() as lab:
-        lan = lab.lan("l", "10.72.0.0/24")
-        a = Engine(lab.host("a", lan), "a", lab.id, TUN["a"], warm_tick=tick)
-        b = Engine(lab.host("b", lan), "b", lab.id, TUN["b"], warm_tick=0)
-        for e in (a, b):
-            e.start()
-        try:
-            a.add_peer(b.as_peer(b.lan_endpoint))
-            b.add_peer(a.as_peer(a.lan_endpoint))
-            ping(a.host, TUN["b"], count=2)
-            a.host.run(["ping", "-c", "1", TUN["b"]], timeout=10)  # a's tx thread: warm now
-            received = a.plane._rx_packets
-            start = time.monotonic()
-            b.host.run([sys.executable, "-c", FLOOD, TUN["a"], "0.6"], timeout=30)
-            end = time.monotonic()
-            flooded = a.plane._rx_packets - received
-            time.sleep(3 * IDLE_WAIT + 0.2)
-        finally:
-            for e in (a, b):
-                e.plane.stop()
+    with _warm_and_cold_pair(tick) as (a, b):
+        ping(a.host, TUN["b"], count=2)
+        a.host.run(["ping", "-c", "1", TUN["b"]], timeout=10)  # a's tx thread: warm now
+        received = a.plane._rx_packets
+        start = time.monotonic()
+        b.host.run([sys.executable, "-c", FLOOD, TUN["a"], "0.6"], timeout=30)
+        end = time.monotonic()
+        flooded = a.plane._rx_packets - received
+        time.sleep(3 * IDLE_WAIT + 0.2)
     assert flooded > 2 * dataplane.WARM_BUSY_RATE * (end - start), f"only {flooded} packets: no bulk traffic"
     during = [t for when, t in waits if start + 0.1 < when < end]
     after = [t for when, t in waits if when > end + 3 * IDLE_WAIT]
