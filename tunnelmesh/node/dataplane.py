@@ -957,8 +957,8 @@ class DataPlane:
         Why: a CPU left idle for more than a few milliseconds runs the next packet's Python cold (caches,
         TLB, branch predictors; on a VM also the host's scheduling), several times slower than one that
         woke a moment ago; short waits after traffic keep it warm for a little CPU (docs/dataplane.md). The
-        rx thread's tick is a receive timeout (``SO_RCVTIMEO``), which the kernel rounds up to its clock
-        tick (4 ms at HZ=250); a precise 1 ms poll there cost more CPU and was no faster."""
+        rx thread's tick is a receive timeout (``SO_RCVTIMEO``), which the kernel counts in whole clock ticks
+        plus one (about 8 ms at HZ=250); a precise 1 ms poll there cost more CPU and was no faster."""
         tick = self.config.warm_tick
         return _Warmth(tick, max(1, round(WARM_PERIOD / tick)) if tick > 0 else 0)
 
